@@ -1,0 +1,36 @@
+"""The `loraflow` command. Subcommands live next to what they drive; bad input becomes a
+message and exit code 1, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from loraflow.errors import LoraFlowError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LoraFlowError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="loraflow")
+def main():
+    """LoRA-Flow: fuse several LoRAs with per-token, per-layer gates, on a quantized model."""
+
+
+@main.command()
+@click.option("--prompt", "-p", default="Explain in one sentence why the sky is blue.", show_default=True)
+@click.option("--max-tokens", default=48, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+def demo(prompt, max_tokens, threads):
+    """Run a flow adapter on the default model (SmolLM2-135M-Instruct Q4_1) and show its gates."""
+    from loraflow.demo import run_demo
+
+    run_demo(prompt=prompt, max_tokens=max_tokens, threads=threads)

@@ -1,0 +1,88 @@
+"""Random-but-nontrivial LoRAs and gates for a base model, written as ordinary PEFT
+adapter folders and gate checkpoints. Used by the demo, the real-model checks and the
+benchmarks; numpy only, shapes read from the base GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterable, Sequence, Tuple
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from loraflow import schema
+
+_HF_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def base_gguf_shapes(path: str | os.PathLike) -> Tuple[int, int, Dict[Tuple[int, str], Tuple[int, int]]]:
+    """(n_layer, n_embd, {(layer, hf_module): (n_out, n_in)}) of a base model GGUF."""
+    import gguf
+
+    reader = gguf.GGUFReader(os.fspath(path))
+    arch = bytes(reader.fields[schema.KEY_GENERAL_ARCH].parts[-1]).decode()
+    n_layer = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    n_embd = int(reader.fields[f"{arch}.embedding_length"].parts[-1][0])
+    gguf_to_hf = {v: k for k, v in schema.HF_TO_GGUF_MODULE.items()}
+    shapes = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in gguf_to_hf:
+            n_in, n_out = int(t.shape[0]), int(t.shape[1])  # gguf-py lists ggml order
+            shapes[(int(parts[1]), gguf_to_hf[parts[2]])] = (n_out, n_in)
+    return n_layer, n_embd, shapes
+
+
+def write_random_peft_adapter(out_dir: str | os.PathLike, shapes: Dict[Tuple[int, str], Tuple[int, int]],
+                              r: int, alpha: float, seed: int, targets: Iterable[str] = tuple(_HF_PARENT),
+                              strength: float = 1.0) -> Path:
+    """A PEFT LoRA folder with random A and B. `strength` ~ the relative size of the LoRA's
+    output next to the base weight's for unit inputs (1.0: clearly visible, not destructive)."""
+    rng = np.random.default_rng(seed)
+    targets = list(targets)
+    tensors = {}
+    for (layer, module), (n_out, n_in) in sorted(shapes.items()):
+        if module not in targets:
+            continue
+        prefix = f"base_model.model.model.layers.{layer}.{_HF_PARENT[module]}.{module}"
+        a = rng.standard_normal((r, n_in)).astype(np.float32) / np.sqrt(n_in)
+        b = rng.standard_normal((n_out, r)).astype(np.float32) * strength / np.sqrt(r) * (r / alpha) * 0.05
+        tensors[f"{prefix}.lora_A.weight"] = a
+        tensors[f"{prefix}.lora_B.weight"] = b
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+              "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+              "use_dora": False, "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {}}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def random_gate(n_layer: int, k: int, n_embd: int, seed: int, scale: float = 1.0):
+    """Per layer (W [k, n_embd], b [k]) whose softmax clearly varies from token to token."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for _ in range(n_layer):
+        w = rng.standard_normal((k, n_embd)).astype(np.float32) * scale / np.sqrt(n_embd)
+        b = rng.uniform(-0.5, 0.5, size=k).astype(np.float32)
+        layers.append((w, b))
+    return layers
+
+
+def write_gate_checkpoint(path: str | os.PathLike, layers: Sequence[Tuple[np.ndarray, np.ndarray]],
+                          names: Sequence[str], temperature: float = 1.0) -> Path:
+    """Our gate checkpoint format (schema.GATE_CKPT_*), readable without torch."""
+    tensors = {}
+    for i, (w, b) in enumerate(layers):
+        tensors[schema.GATE_CKPT_WEIGHT.format(i=i)] = np.ascontiguousarray(w, dtype=np.float32)
+        tensors[schema.GATE_CKPT_BIAS.format(i=i)] = np.ascontiguousarray(b, dtype=np.float32)
+    meta = {schema.GATE_CKPT_META_ADAPTERS: json.dumps(list(names)),
+            schema.GATE_CKPT_META_TEMPERATURE: repr(float(temperature))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return path

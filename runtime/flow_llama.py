@@ -1,0 +1,160 @@
+"""FlowLlama: a llama_cpp.Llama that carries a LoRA-Flow adapter.
+
+Tokenisation, sampling, chat templates, streaming and the OpenAI-style API are
+llama-cpp-python's; this class adds the flow adapter, the fusion mode and the gate
+weights the runtime computed for every evaluated token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import llama_cpp
+
+from loraflow.errors import LoraFlowError, NativeError
+from loraflow.modes import resolve_mode
+from loraflow.runtime import _bindings as B
+from loraflow.runtime.adapter import FlowAdapter
+
+_MODE_CODES = {"off": B.LLAMA_FLOW_MODE_OFF, "dynamic": B.LLAMA_FLOW_MODE_DYNAMIC, "static": B.LLAMA_FLOW_MODE_STATIC}
+
+
+class FlowLlama(llama_cpp.Llama):
+    """`FlowLlama(model_path, flow_path=..., mode="dynamic", record_gates=False, **llama_kwargs)`.
+
+    With `record_gates=True` the gate weights of every token evaluated in `dynamic`
+    mode are kept; `gate_weights()` returns them as [n_tokens, n_layer, k].
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        flow_path: Optional[str | os.PathLike] = None,
+        mode: str = "dynamic",
+        static_weights=None,
+        record_gates: bool = False,
+        **kwargs,
+    ):
+        super().__init__(model_path, **kwargs)
+        self.flow: Optional[FlowAdapter] = None
+        self._mode = "off"
+        self._static_weights: Optional[np.ndarray] = None
+        self._record = False
+        self._gate_log: List[np.ndarray] = []
+        self._stack.callback(self._detach)  # runs before the context and the model are freed
+        decode = self._ctx.decode
+
+        def decode_and_record(batch):
+            decode(batch)
+            if self._record:
+                self._collect_gates()
+
+        self._ctx.decode = decode_and_record
+        if flow_path is not None:
+            self.set_flow(flow_path, mode=mode, static_weights=static_weights)
+        self.record_gates(record_gates)
+
+    # adapter
+
+    def set_flow(self, flow_path, mode: str = "dynamic", static_weights=None) -> None:
+        """Load a flow GGUF for this model and set it on the context (replacing any other)."""
+        adapter = FlowAdapter(self._model.model, flow_path)
+        self._detach()
+        if B.llama_flow_set_adapter(self._ctx.ctx, adapter.ptr) != 0:
+            adapter.free()
+            raise NativeError("llama_flow_set_adapter refused the adapter (loaded for another model?)")
+        self.flow = adapter
+        self._mode = "dynamic"
+        self.set_mode(mode, static_weights)
+
+    def _detach(self) -> None:
+        if self.flow is not None:
+            B.llama_flow_set_adapter(self._ctx.ctx, None)
+            self.flow.free()
+            self.flow = None
+            self._mode = "off"
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.flow.names) if self.flow else []
+
+    # mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def set_mode(self, mode: str, weights=None) -> None:
+        """`dynamic`, `static` (with weights: k, or [n_layer, k]), `average`, `single:<name>`, `off`.
+
+        The KV cache holds states computed under the previous mode, so it is cleared."""
+        if self.flow is None:
+            if mode != "off":
+                raise LoraFlowError(f"mode '{mode}' needs a flow adapter; load one with flow_path=")
+            return
+        resolved = resolve_mode(mode, self.flow.names, self.flow.n_layer, weights)
+        if resolved.weights is not None:
+            buf = resolved.weights.ravel()
+            ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            rc = B.llama_flow_set_mode(self._ctx.ctx, _MODE_CODES["static"], ptr, buf.size)
+        else:
+            rc = B.llama_flow_set_mode(self._ctx.ctx, _MODE_CODES[resolved.kind], None, 0)
+        if rc != 0:
+            raise NativeError(f"llama_flow_set_mode refused mode '{mode}'")
+        self._mode = mode
+        self._static_weights = resolved.weights
+        self.reset()
+        self._ctx.kv_cache_clear()
+
+    # gate weights
+
+    def record_gates(self, on: bool = True) -> None:
+        """Start (or stop) keeping the gate weights of every evaluated token."""
+        B.llama_flow_set_record(self._ctx.ctx, bool(on))
+        self._record = bool(on)
+
+    def clear_gate_log(self) -> None:
+        self._gate_log.clear()
+
+    def gate_weights(self) -> np.ndarray:
+        """Gate weights of the tokens evaluated while recording: [n_tokens, n_layer, k].
+
+        In static modes these are the static weights (the same for every token)."""
+        k = self.flow.n_adapters if self.flow else 0
+        n_layer = self.flow.n_layer if self.flow else 0
+        if not self._gate_log:
+            return np.zeros((0, n_layer, k), dtype=np.float32)
+        return np.concatenate(self._gate_log, axis=0)
+
+    def _collect_gates(self) -> None:
+        if self.flow is None or self._mode == "off":
+            return
+        n_layer, k = self.flow.n_layer, self.flow.n_adapters
+        if self._mode == "dynamic":
+            n = B.llama_flow_n_recorded(self._ctx.ctx)
+            out = np.empty((n, n_layer, k), dtype=np.float32)
+            for il in range(n_layer):
+                ptr = B.llama_flow_get_gates(self._ctx.ctx, il)
+                if not ptr:
+                    raise NativeError(f"no gate weights recorded for layer {il}")
+                out[:, il, :] = np.ctypeslib.as_array(ptr, shape=(n * k,)).reshape(n, k)
+        else:
+            n = self._batch.batch.n_tokens
+            out = np.broadcast_to(self._static_weights, (n, n_layer, k)).copy()
+        self._gate_log.append(out)
+
+    # convenience
+
+    def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Evaluate `tokens` from an empty cache and return their logits [n_tokens, n_vocab]
+        (needs logits_all=True)."""
+        if not self._logits_all:
+            raise LoraFlowError("eval_logits needs FlowLlama(..., logits_all=True)")
+        self.reset()
+        self._ctx.kv_cache_clear()
+        self.eval(list(tokens))
+        return np.array(self.scores[: self.n_tokens], dtype=np.float32)

@@ -1,0 +1,142 @@
+"""Build and install the patched llama-cpp-python that loraflow's runtime needs.
+
+    python runtime/native/build.py [--force] [--jobs N]
+
+Downloads the pinned llama-cpp-python source distribution from the package index,
+copies our sources (runtime/native/src) into its vendored llama.cpp, applies
+runtime/native/llama-flow.patch, builds a wheel and installs it into the running
+interpreter. The wheel is cached under $LORAFLOW_CACHE/native (default
+~/.cache/loraflow) keyed by the version, our sources, the patch and CMAKE_ARGS, so
+a rebuild with nothing changed costs seconds. CMAKE_ARGS passes through untouched
+(e.g. CMAKE_ARGS="-DGGML_CUDA=on" for CUDA, Metal is on by default on macOS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+HERE = Path(__file__).resolve().parent
+PATCH = HERE / "llama-flow.patch"
+OUR_SOURCES = {  # our file -> where it goes inside vendor/llama.cpp
+    HERE / "src" / "llama-flow.h": "include/llama-flow.h",
+    HERE / "src" / "llama-flow-impl.h": "src/llama-flow-impl.h",
+    HERE / "src" / "llama-flow.cpp": "src/llama-flow.cpp",
+}
+# Only the shared library is needed; upstream tools, tests and the multimodal library are not.
+BASE_CMAKE_ARGS = [
+    "-DLLAVA_BUILD=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow")) / "native"
+
+
+def build_key(user_cmake_args: str) -> str:
+    h = hashlib.sha256(LLAMA_CPP_PYTHON_VERSION.encode())
+    for path in [PATCH, *sorted(OUR_SOURCES)]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    h.update(user_cmake_args.encode())
+    return h.hexdigest()[:16]
+
+
+def run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def fetch_sdist(root: Path) -> Path:
+    sdist_dir = root / "sdist"
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if not (sdist_dir / name).exists():
+        sdist_dir.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(sdist_dir)])
+    return sdist_dir / name
+
+
+def source_dir(root: Path) -> Path:
+    return root / f"src-{LLAMA_CPP_PYTHON_VERSION}" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def prepare_source(root: Path, sdist: Path) -> Path:
+    """A fresh, patched source tree at a fixed path, so the CMake build folder can be reused:
+    untouched files keep the tarball's timestamps and are not recompiled."""
+    top = source_dir(root)
+    if top.parent.exists():
+        shutil.rmtree(top.parent)
+    top.parent.mkdir(parents=True)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(top.parent, filter="tar") if hasattr(tarfile, "data_filter") else tar.extractall(top.parent)
+    llama_dir = top / "vendor" / "llama.cpp"
+    for ours, dest in OUR_SOURCES.items():
+        shutil.copyfile(ours, llama_dir / dest)
+    run(["patch", "-p1", "--batch", "--forward", "-i", str(PATCH)], cwd=llama_dir)
+    return top
+
+
+def build_wheel(root: Path, top: Path, out: Path, user_cmake_args: str, jobs: int | None) -> Path:
+    env = dict(os.environ)
+    env["CMAKE_ARGS"] = " ".join(BASE_CMAKE_ARGS + ([user_cmake_args] if user_cmake_args else []))
+    if shutil.which("ccache"):
+        env["CMAKE_ARGS"] += " -DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
+    if jobs:
+        env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
+    build_dir = root / f"build-{LLAMA_CPP_PYTHON_VERSION}-{hashlib.sha256(user_cmake_args.encode()).hexdigest()[:8]}"
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp),
+         "-C", f"build-dir={build_dir}", str(top)], env=env)
+    tmp.rename(out)
+    (wheel,) = out.glob("llama_cpp_python-*.whl")
+    return wheel
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--force", action="store_true", help="rebuild even if a cached wheel exists")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel compile jobs")
+    args = ap.parse_args()
+
+    user_cmake_args = os.environ.get("CMAKE_ARGS", "")
+    root = cache_root()
+    key = build_key(user_cmake_args)
+    out = root / f"wheel-{LLAMA_CPP_PYTHON_VERSION}-{key}"
+    top = source_dir(root)
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    if not out.exists():
+        print(f"loraflow: building patched llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (key {key}); "
+              "the first build takes several minutes", flush=True)
+        top = prepare_source(root, fetch_sdist(root))
+        build_wheel(root, top, out, user_cmake_args, args.jobs)
+    else:
+        print(f"loraflow: using cached patched llama-cpp-python build {out}", flush=True)
+        if not top.exists():  # the wheel survived but its source did not: the converters need it
+            top = prepare_source(root, fetch_sdist(root))
+    (wheel,) = out.glob("llama_cpp_python-*.whl")
+    run([sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(wheel)])
+    # llama-cpp-python's own dependencies, and gguf-py from the same llama.cpp (its converters need it)
+    run([sys.executable, "-m", "pip", "install", "typing-extensions>=4.5.0", "numpy>=1.20.0",
+         "diskcache>=5.6.1", "jinja2>=2.11.3", str(top / "vendor" / "llama.cpp" / "gguf-py")])
+    # where loraflow finds llama.cpp's convert_hf_to_gguf.py (see loraflow/llama_source.py)
+    (root / "current-source").write_text(str(top / "vendor" / "llama.cpp"))
+    print("loraflow: patched llama_cpp installed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+// LoRA-Flow inside llama.cpp: the loaded adapter, a context's flow state, and the
+// per-graph builder that build_lora_mm calls. See llama-flow.h for the C API.
+#pragma once
+
+#include "llama-flow.h"
+
+#include "ggml-cpp.h"
+
+#include <map>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+struct llama_model;
+class  llm_graph_result;
+
+// One adapted base weight W (blk.N.<module>.weight): y += B (g * (A h)).
+struct llama_flow_weight {
+    int32_t       il;    // layer
+    int32_t       group; // index into llama_flow_adapter::groups (holds A)
+    int64_t       row0;  // first row of this module's A inside the group's A
+    ggml_tensor * b;     // [R, n_out], columns scaled by s_i
+};
+
+// Modules of a layer that read the same input (q, k, v; gate, up) share one A matmul:
+// their A_cat are stacked into one [n_in, n_members * R] tensor.
+struct llama_flow_group {
+    ggml_tensor * a;
+};
+
+struct llama_flow_adapter {
+    const llama_model & model;
+
+    int32_t k      = 0; // number of fused LoRAs
+    int32_t n_rank = 0; // R = sum of ranks
+    float   temperature = 1.0f;
+
+    std::vector<std::string> names;
+
+    std::vector<ggml_tensor *> gate_w; // per layer, [n_embd, k] F32
+    std::vector<ggml_tensor *> gate_b; // per layer, [k] F32
+    std::vector<ggml_tensor *> expand; // per layer, [k, R] 0/1: which adapter each rank row belongs to
+
+    std::unordered_map<const ggml_tensor *, llama_flow_weight> weights; // keyed by base weight
+    std::vector<llama_flow_group> groups;
+
+    std::vector<ggml_context_ptr>        ctxs;
+    std::vector<ggml_backend_buffer_ptr> bufs;
+
+    explicit llama_flow_adapter(const llama_model & model) : model(model) {}
+
+    // upper bound of graph nodes the flow adds, for llama_context::graph_max_nodes
+    uint32_t n_nodes() const { return 4u*weights.size() + 2u*groups.size() + 8u*gate_w.size() + 16u; }
+};
+
+// What a context has set; lives in llama_context.
+struct llama_flow_state {
+    llama_flow_adapter * adapter = nullptr;
+    llama_flow_mode      mode    = LLAMA_FLOW_MODE_DYNAMIC;
+    std::vector<float>   static_w; // [n_layer][k]
+    bool                 record  = false;
+    uint32_t             gen     = 0; // bumped by every change that alters the graph
+
+    std::vector<std::vector<float>> gates; // recorded, per layer [n_recorded][k]
+    int32_t n_recorded = 0;
+
+    bool active() const { return adapter && mode != LLAMA_FLOW_MODE_OFF; }
+
+    // copy the gate weights of an evaluated ubatch to the host (when recording)
+    void record_ubatch(ggml_backend_sched_t sched, const llm_graph_result * res, bool first, uint32_t n_tokens);
+};
+
+// Built once per graph; caches the per-layer gate and the shared A products.
+struct llama_flow_graph {
+    const llama_flow_state * state;
+
+    explicit llama_flow_graph(const llama_flow_state * state) : state(state) {}
+
+    // y = W cur (already computed) -> y + gated LoRA delta, when W is adapted
+    ggml_tensor * apply(ggml_context * ctx0, llm_graph_result * res,
+                        const ggml_tensor * w, ggml_tensor * cur, ggml_tensor * y);
+
+private:
+    ggml_tensor * gate(ggml_context * ctx0, llm_graph_result * res, int32_t il, int64_t n_cols);
+
+    ggml_tensor * static_inp = nullptr;                              // [k, n_layer]
+    std::map<int32_t, ggml_tensor *> gate_exp;                       // il -> [R, n_tokens] (or [R, 1])
+    std::map<int32_t, ggml_tensor *> gate_exp_out;                   // il -> rows of the output tokens
+    std::map<std::pair<int32_t, const ggml_tensor *>, ggml_tensor *> group_out; // (group, input) -> g * (A h)
+};

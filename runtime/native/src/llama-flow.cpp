@@ -1,0 +1,627 @@
+// LoRA-Flow for llama.cpp: loading a flow GGUF, the gated LoRA delta in the graph, the C API.
+//
+// For layer l and token t, with x the residual stream entering the layer:
+//     w_l(t) = softmax(W_l x / T) + b_l
+//     y      = W h + sum_i w_l,i(t) s_i B_i A_i h  =  W h + B_cat (expand(w_l) * (A_cat h))
+// A_cat stacks the k LoRAs' A (rank R = sum r_i), B_cat their B with s_i folded in, and
+// expand() repeats each adapter's weight over its r_i rank rows: two matmuls per module
+// whatever k is. Modules reading the same input share one A matmul (see groups).
+
+#include "llama-flow-impl.h"
+
+#include "llama-arch.h"
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-impl.h"
+#include "llama-model.h"
+
+#include "gguf.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <stdexcept>
+
+// mirrors loraflow/schema.py
+#define LLAMA_FLOW_FORMAT_VERSION 1
+#define LLAMA_FLOW_ADAPTER_TYPE   "lora_flow"
+#define LLAMA_FLOW_GATE_INPUT     "layer_input"
+#define LLAMA_FLOW_MAX_ADAPTERS   64
+#define LLAMA_FLOW_MAX_RANK       65536
+
+static const char * const LLAMA_FLOW_ARCHS[]   = { "llama", "qwen2", "qwen3", "gemma3" };
+static const char * const LLAMA_FLOW_MODULES[] = {
+    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+};
+// modules that read the same input, so their A matmuls can be one
+static const std::vector<std::vector<std::string>> LLAMA_FLOW_SHARED_INPUT = {
+    { "attn_q", "attn_k", "attn_v" },
+    { "attn_output" },
+    { "ffn_gate", "ffn_up" },
+    { "ffn_down" },
+};
+
+//
+// loading
+//
+
+namespace {
+
+struct flow_file {
+    const gguf_context * g;
+    const std::string  & path;
+
+    int64_t key(const char * name, gguf_type type) const {
+        const int64_t id = gguf_find_key(g, name);
+        if (id < 0) {
+            throw std::runtime_error(format("%s: missing key '%s' (not a LoRA-Flow file?)", path.c_str(), name));
+        }
+        if (gguf_get_kv_type(g, id) != type) {
+            throw std::runtime_error(format("%s: key '%s' has type %s, expected %s", path.c_str(), name,
+                        gguf_type_name(gguf_get_kv_type(g, id)), gguf_type_name(type)));
+        }
+        return id;
+    }
+    int64_t arr(const char * name, gguf_type type, size_t n) const {
+        const int64_t id = key(name, GGUF_TYPE_ARRAY);
+        if (gguf_get_arr_type(g, id) != type || gguf_get_arr_n(g, id) != n) {
+            throw std::runtime_error(format("%s: key '%s' must be an array of %zu %s, found %zu %s", path.c_str(), name,
+                        n, gguf_type_name(type), gguf_get_arr_n(g, id), gguf_type_name(gguf_get_arr_type(g, id))));
+        }
+        return id;
+    }
+    std::string str(const char * name) const { return gguf_get_val_str(g, key(name, GGUF_TYPE_STRING)); }
+    uint32_t    u32(const char * name) const { return gguf_get_val_u32(g, key(name, GGUF_TYPE_UINT32)); }
+    float       f32(const char * name) const { return gguf_get_val_f32(g, key(name, GGUF_TYPE_FLOAT32)); }
+};
+
+bool is_one_of(const std::string & s, const char * const * list, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        if (s == list[i]) {
+            return true;
+        }
+    }
+    return false;
+}
+
+std::string shape_str(const ggml_tensor * t) {
+    return format("[%lld, %lld, %lld, %lld]", (long long) t->ne[0], (long long) t->ne[1], (long long) t->ne[2], (long long) t->ne[3]);
+}
+
+void check_shape(const std::string & path, const ggml_tensor * t, int64_t ne0, int64_t ne1, const char * what) {
+    if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1) {
+        throw std::runtime_error(format("%s: tensor '%s' has shape %s, expected [%lld, %lld] (%s)", path.c_str(), t->name,
+                    shape_str(t).c_str(), (long long) ne0, (long long) ne1, what));
+    }
+}
+
+struct lora_pair {
+    ggml_tensor * a = nullptr;
+    ggml_tensor * b = nullptr;
+    const ggml_tensor * base = nullptr;
+};
+
+// CPU "extra" buffer types repack weights for the CPU kernels; small tensors we add go
+// to the plain CPU buffer instead, as llama-adapter.cpp does for LoRAs.
+ggml_backend_buffer_type_t flow_buft_for(const ggml_tensor * base) {
+    ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(base->buffer);
+    ggml_backend_dev_t cpu_dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!cpu_dev) {
+        throw std::runtime_error("no CPU backend found");
+    }
+    auto * cpu_reg = ggml_backend_dev_backend_reg(cpu_dev);
+    auto get_extra = (ggml_backend_dev_get_extra_bufts_t)
+        ggml_backend_reg_get_proc_address(cpu_reg, "ggml_backend_dev_get_extra_bufts");
+    if (get_extra) {
+        for (ggml_backend_buffer_type_t * ex = get_extra(cpu_dev); ex && *ex; ++ex) {
+            if (*ex == buft) {
+                return ggml_backend_dev_buffer_type(cpu_dev);
+            }
+        }
+    }
+    return buft;
+}
+
+std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const std::string & path) {
+    ggml_context * meta_raw = nullptr;
+    gguf_init_params params = { /*.no_alloc =*/ true, /*.ctx =*/ &meta_raw };
+    gguf_context_ptr g { gguf_init_from_file(path.c_str(), params) };
+    if (!g) {
+        throw std::runtime_error(format("%s: not a readable GGUF file (missing, truncated or corrupt)", path.c_str()));
+    }
+    ggml_context_ptr meta { meta_raw };
+    const flow_file f { g.get(), path };
+
+    // metadata
+    const std::string general_type = f.str("general.type");
+    const std::string adapter_type = f.str("adapter.type");
+    if (general_type != "adapter" || adapter_type != LLAMA_FLOW_ADAPTER_TYPE) {
+        throw std::runtime_error(format("%s: not a LoRA-Flow adapter (general.type = '%s', adapter.type = '%s')",
+                    path.c_str(), general_type.c_str(), adapter_type.c_str()));
+    }
+    const uint32_t version = f.u32("loraflow.version");
+    if (version != LLAMA_FLOW_FORMAT_VERSION) {
+        throw std::runtime_error(format("%s: LoRA-Flow format version %u, this build reads version %d",
+                    path.c_str(), version, LLAMA_FLOW_FORMAT_VERSION));
+    }
+    const std::string arch = f.str("general.architecture");
+    const std::string model_arch = llm_arch_name(model.arch);
+    if (!is_one_of(arch, LLAMA_FLOW_ARCHS, sizeof(LLAMA_FLOW_ARCHS)/sizeof(LLAMA_FLOW_ARCHS[0]))) {
+        throw std::runtime_error(format("%s: architecture '%s' is not supported (llama, qwen2, qwen3, gemma3)", path.c_str(), arch.c_str()));
+    }
+    if (arch != model_arch) {
+        throw std::runtime_error(format("%s: made for a '%s' model, but the base model is '%s'", path.c_str(), arch.c_str(), model_arch.c_str()));
+    }
+    const int64_t n_layer = model.hparams.n_layer();
+    const int64_t n_embd  = model.hparams.n_embd;
+    const uint32_t file_n_layer = f.u32("loraflow.n_layer");
+    const uint32_t file_n_embd  = f.u32("loraflow.n_embd");
+    if (file_n_layer != n_layer || file_n_embd != n_embd) {
+        throw std::runtime_error(format("%s: made for a base model with %u layers and n_embd %u, but this one has %lld and %lld",
+                    path.c_str(), file_n_layer, file_n_embd, (long long) n_layer, (long long) n_embd));
+    }
+    const std::string gate_input = f.str("loraflow.gate.input");
+    if (gate_input != LLAMA_FLOW_GATE_INPUT) {
+        throw std::runtime_error(format("%s: gate input '%s' is not supported (expected '%s')", path.c_str(), gate_input.c_str(), LLAMA_FLOW_GATE_INPUT));
+    }
+
+    auto ad = std::make_unique<llama_flow_adapter>(model);
+    const uint32_t k = f.u32("loraflow.adapter.count");
+    if (k < 1 || k > LLAMA_FLOW_MAX_ADAPTERS) {
+        throw std::runtime_error(format("%s: adapter count %u out of range [1, %d]", path.c_str(), k, LLAMA_FLOW_MAX_ADAPTERS));
+    }
+    ad->k = (int32_t) k;
+    const int64_t id_names = f.arr("loraflow.adapter.names", GGUF_TYPE_STRING, k);
+    const int64_t id_ranks = f.arr("loraflow.adapter.ranks", GGUF_TYPE_UINT32, k);
+    f.arr("loraflow.adapter.alphas", GGUF_TYPE_FLOAT32, k);
+    f.arr("loraflow.adapter.scales", GGUF_TYPE_FLOAT32, k);
+    std::vector<int64_t> ranks(k);
+    int64_t n_rank = 0;
+    for (uint32_t i = 0; i < k; ++i) {
+        ad->names.emplace_back(gguf_get_arr_str(g.get(), id_names, i));
+        ranks[i] = ((const uint32_t *) gguf_get_arr_data(g.get(), id_ranks))[i];
+        if (ranks[i] < 1 || ranks[i] > LLAMA_FLOW_MAX_RANK) {
+            throw std::runtime_error(format("%s: rank %lld of adapter '%s' out of range", path.c_str(), (long long) ranks[i], ad->names[i].c_str()));
+        }
+        n_rank += ranks[i];
+    }
+    if (n_rank > LLAMA_FLOW_MAX_RANK) {
+        throw std::runtime_error(format("%s: total rank %lld too large", path.c_str(), (long long) n_rank));
+    }
+    ad->n_rank = (int32_t) n_rank;
+    ad->temperature = f.f32("loraflow.gate.temperature");
+    if (!std::isfinite(ad->temperature) || ad->temperature <= 0.0f) {
+        throw std::runtime_error(format("%s: gate temperature must be a positive number, got %g", path.c_str(), ad->temperature));
+    }
+
+    // classify and check every tensor against the base model
+    std::vector<ggml_tensor *> gate_w(n_layer, nullptr), gate_b(n_layer, nullptr);
+    std::map<std::pair<int64_t, std::string>, lora_pair> loras; // (layer, module)
+    for (ggml_tensor * t = ggml_get_first_tensor(meta.get()); t; t = ggml_get_next_tensor(meta.get(), t)) {
+        const std::string name = t->name;
+        int il = -1, pos = 0;
+        if (sscanf(t->name, "blk.%d.%n", &il, &pos) != 1 || pos == 0 || il < 0 || il >= n_layer) {
+            throw std::runtime_error(format("%s: unexpected tensor '%s'", path.c_str(), t->name));
+        }
+        const std::string rest = name.substr(pos);
+        auto ends_with = [&](const char * suffix) {
+            const size_t n = strlen(suffix);
+            return rest.size() > n && rest.compare(rest.size() - n, n, suffix) == 0;
+        };
+        if (rest == "flow_gate.weight" || rest == "flow_gate.bias") {
+            if (t->type != GGML_TYPE_F32) {
+                throw std::runtime_error(format("%s: gate tensor '%s' has type %s, expected f32", path.c_str(), t->name, ggml_type_name(t->type)));
+            }
+            if (rest == "flow_gate.weight") {
+                check_shape(path, t, n_embd, k, "n_embd, k");
+                gate_w[il] = t;
+            } else {
+                check_shape(path, t, k, 1, "k");
+                gate_b[il] = t;
+            }
+        } else if (ends_with(".flow_a") || ends_with(".flow_b")) {
+            const std::string module = rest.substr(0, rest.size() - strlen(".flow_a"));
+            if (!is_one_of(module, LLAMA_FLOW_MODULES, sizeof(LLAMA_FLOW_MODULES)/sizeof(LLAMA_FLOW_MODULES[0]))) {
+                throw std::runtime_error(format("%s: tensor '%s' adapts unsupported module '%s'", path.c_str(), t->name, module.c_str()));
+            }
+            if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_Q8_0) {
+                throw std::runtime_error(format("%s: tensor '%s' has type %s, expected f32, f16 or q8_0", path.c_str(), t->name, ggml_type_name(t->type)));
+            }
+            lora_pair & p = loras[{il, module}];
+            (ends_with(".flow_a") ? p.a : p.b) = t;
+        } else {
+            throw std::runtime_error(format("%s: unexpected tensor '%s'", path.c_str(), t->name));
+        }
+    }
+    for (int64_t il = 0; il < n_layer; ++il) {
+        if (!gate_w[il] || !gate_b[il]) {
+            throw std::runtime_error(format("%s: missing gate tensor blk.%lld.flow_gate.%s", path.c_str(), (long long) il, gate_w[il] ? "bias" : "weight"));
+        }
+    }
+    if (loras.empty()) {
+        throw std::runtime_error(format("%s: holds no LoRA tensors", path.c_str()));
+    }
+    for (auto & [key, p] : loras) {
+        const std::string base_name = format("blk.%lld.%s.weight", (long long) key.first, key.second.c_str());
+        if (!p.a || !p.b) {
+            throw std::runtime_error(format("%s: '%s' has flow_%s but no flow_%s", path.c_str(), base_name.c_str(), p.a ? "a" : "b", p.a ? "b" : "a"));
+        }
+        p.base = model.get_tensor(base_name.c_str());
+        if (!p.base) {
+            throw std::runtime_error(format("%s: base model has no tensor '%s' (wrong base model?)", path.c_str(), base_name.c_str()));
+        }
+        if (ggml_n_dims(p.base) != 2) {
+            throw std::runtime_error(format("%s: base tensor '%s' is not a matrix", path.c_str(), base_name.c_str()));
+        }
+        check_shape(path, p.a, p.base->ne[0], n_rank, "n_in of the base weight, R");
+        check_shape(path, p.b, n_rank, p.base->ne[1], "R, n_out of the base weight");
+    }
+
+    // every tensor's data must lie inside the file before anything is allocated
+    std::ifstream file(path, std::ios::binary | std::ios::ate);
+    if (!file) {
+        throw std::runtime_error(format("%s: cannot open", path.c_str()));
+    }
+    const size_t file_size = (size_t) file.tellg();
+    const size_t data_offset = gguf_get_data_offset(g.get());
+    auto data_range = [&](const ggml_tensor * t) {
+        const int64_t tid = gguf_find_tensor(g.get(), t->name);
+        const size_t offs = data_offset + gguf_get_tensor_offset(g.get(), tid);
+        const size_t size = ggml_nbytes(t);
+        if (offs < data_offset || offs + size < offs || offs + size > file_size) {
+            throw std::runtime_error(format("%s: data of tensor '%s' lies outside the file (truncated or corrupt)", path.c_str(), t->name));
+        }
+        return std::make_pair(offs, size);
+    };
+    for (ggml_tensor * t = ggml_get_first_tensor(meta.get()); t; t = ggml_get_next_tensor(meta.get(), t)) {
+        data_range(t);
+    }
+
+    // device tensors, in the buffer type of the base weights they belong to
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
+    auto ctx_for = [&](const ggml_tensor * base) {
+        ggml_backend_buffer_type_t buft = flow_buft_for(base);
+        auto it = ctx_map.find(buft);
+        if (it != ctx_map.end()) {
+            return it->second;
+        }
+        ggml_init_params ip = { /*.mem_size =*/ (gguf_get_n_tensors(g.get()) + 2*n_layer + 8)*ggml_tensor_overhead(), nullptr, /*.no_alloc =*/ true };
+        ggml_context * c = ggml_init(ip);
+        if (!c) {
+            throw std::runtime_error("failed to create a ggml context for the flow adapter");
+        }
+        ad->ctxs.emplace_back(c);
+        ctx_map[buft] = c;
+        return c;
+    };
+
+    struct upload { ggml_tensor * src; ggml_tensor * dst; size_t dst_offset; };
+    std::vector<upload> uploads;
+    std::vector<std::pair<ggml_tensor *, std::vector<float>>> computed; // expand matrices
+
+    ad->gate_w.resize(n_layer);
+    ad->gate_b.resize(n_layer);
+    ad->expand.resize(n_layer);
+    std::vector<float> expand_data(k*n_rank, 0.0f); // element (i, r) at r*k + i
+    for (int64_t r = 0, i = 0, end = ranks[0]; r < n_rank; ++r) {
+        while (r >= end) {
+            end += ranks[++i];
+        }
+        expand_data[r*k + i] = 1.0f;
+    }
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const ggml_tensor * anchor = model.get_tensor(format("blk.%lld.attn_norm.weight", (long long) il).c_str());
+        if (!anchor) {
+            anchor = loras.begin()->second.base;
+        }
+        ggml_context * c = ctx_for(anchor);
+        ad->gate_w[il] = ggml_dup_tensor(c, gate_w[il]);
+        ad->gate_b[il] = ggml_dup_tensor(c, gate_b[il]);
+        ad->expand[il] = ggml_new_tensor_2d(c, GGML_TYPE_F32, k, n_rank);
+        uploads.push_back({ gate_w[il], ad->gate_w[il], 0 });
+        uploads.push_back({ gate_b[il], ad->gate_b[il], 0 });
+        computed.emplace_back(ad->expand[il], expand_data);
+    }
+
+    for (int64_t il = 0; il < n_layer; ++il) {
+        for (const auto & shared : LLAMA_FLOW_SHARED_INPUT) {
+            // the members present in this layer with the same A type share one group;
+            // a member whose A type differs gets a group of its own
+            std::vector<std::vector<const lora_pair *>> groups;
+            for (const auto & module : shared) {
+                auto it = loras.find({il, module});
+                if (it == loras.end()) {
+                    continue;
+                }
+                bool placed = false;
+                for (auto & grp : groups) {
+                    if (grp[0]->a->type == it->second.a->type) {
+                        grp.push_back(&it->second);
+                        placed = true;
+                        break;
+                    }
+                }
+                if (!placed) {
+                    groups.push_back({ &it->second });
+                }
+            }
+            for (const auto & grp : groups) {
+                ggml_context * c = ctx_for(grp[0]->base);
+                const int32_t group_id = (int32_t) ad->groups.size();
+                ggml_tensor * a = ggml_new_tensor_2d(c, grp[0]->a->type, grp[0]->a->ne[0], n_rank*(int64_t) grp.size());
+                ggml_format_name(a, "blk.%lld.flow_a_group%d", (long long) il, group_id);
+                ad->groups.push_back({ a });
+                for (size_t m = 0; m < grp.size(); ++m) {
+                    const lora_pair & p = *grp[m];
+                    ggml_tensor * b = ggml_dup_tensor(ctx_for(p.base), p.b);
+                    ggml_set_name(b, p.b->name);
+                    ad->weights[p.base] = { (int32_t) il, group_id, (int64_t) m*n_rank, b };
+                    uploads.push_back({ p.a, a, m*ggml_nbytes(p.a) });
+                    uploads.push_back({ p.b, b, 0 });
+                }
+            }
+        }
+    }
+
+    for (auto & [buft, c] : ctx_map) {
+        ggml_backend_buffer_ptr buf { ggml_backend_alloc_ctx_tensors_from_buft(c, buft) };
+        if (!buf) {
+            throw std::runtime_error("failed to allocate the flow adapter's buffers");
+        }
+        LLAMA_LOG_INFO("%s: %10s flow buffer size = %8.2f MiB\n", __func__, ggml_backend_buffer_name(buf.get()),
+                ggml_backend_buffer_get_size(buf.get())/1024.0/1024.0);
+        ad->bufs.emplace_back(std::move(buf));
+    }
+
+    std::vector<uint8_t> read_buf;
+    for (const auto & up : uploads) {
+        const auto [offs, size] = data_range(up.src);
+        read_buf.resize(size);
+        file.seekg((std::streamoff) offs);
+        file.read((char *) read_buf.data(), (std::streamsize) size);
+        if (!file) {
+            throw std::runtime_error(format("%s: failed to read tensor '%s'", path.c_str(), up.src->name));
+        }
+        if (!ggml_validate_row_data(up.src->type, read_buf.data(), size)) {
+            throw std::runtime_error(format("%s: tensor '%s' holds NaN or infinite values", path.c_str(), up.src->name));
+        }
+        ggml_backend_tensor_set(up.dst, read_buf.data(), up.dst_offset, size);
+    }
+    for (auto & [t, data] : computed) {
+        ggml_backend_tensor_set(t, data.data(), 0, data.size()*sizeof(float));
+    }
+
+    LLAMA_LOG_INFO("%s: loaded flow adapter: %d LoRAs, total rank %d, %zu weights in %zu groups\n",
+            __func__, ad->k, ad->n_rank, ad->weights.size(), ad->groups.size());
+    return ad;
+}
+
+// Static weights reach the graph as an input, so changing them needs no new graph.
+class llm_graph_input_flow_static : public llm_graph_input_i {
+public:
+    llm_graph_input_flow_static(ggml_tensor * w, const llama_flow_state * state) : w(w), state(state) {}
+
+    void set_input(const llama_ubatch *) override {
+        ggml_backend_tensor_set(w, state->static_w.data(), 0, ggml_nbytes(w));
+    }
+    bool can_reuse(const llm_graph_params & params) override {
+        return params.flow == state;
+    }
+
+    ggml_tensor * w;
+    const llama_flow_state * state;
+};
+
+} // namespace
+
+//
+// graph
+//
+
+ggml_tensor * llama_flow_graph::gate(ggml_context * ctx0, llm_graph_result * res, int32_t il, int64_t n_cols) {
+    const llama_flow_adapter & ad = *state->adapter;
+
+    ggml_tensor *& g = gate_exp[il];
+    if (!g) {
+        ggml_tensor * w;
+        if (state->mode == LLAMA_FLOW_MODE_DYNAMIC) {
+            ggml_tensor * x = res->t_layer_inp[il];
+            GGML_ASSERT(x && "flow: this model graph does not record its layer inputs");
+            w = ggml_mul_mat(ctx0, ad.gate_w[il], x);                           // [k, n_tokens]
+            w = ggml_soft_max_ext(ctx0, w, nullptr, 1.0f/ad.temperature, 0.0f);
+            w = ggml_add(ctx0, w, ad.gate_b[il]);                               // bias after the softmax
+            if (state->record) {
+                ggml_set_output(w);
+                res->t_flow_gate[il] = w;
+            }
+        } else {
+            if (!static_inp) {
+                static_inp = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, ad.k, (int64_t) ad.gate_w.size());
+                ggml_set_input(static_inp);
+                ggml_set_name(static_inp, "flow_static_w");
+                res->add_input(std::make_unique<llm_graph_input_flow_static>(static_inp, state));
+            }
+            w = ggml_view_2d(ctx0, static_inp, ad.k, 1, static_inp->nb[1], il*static_inp->nb[1]); // [k, 1]
+        }
+        g = ggml_mul_mat(ctx0, ad.expand[il], w);                               // [R, n_tokens]
+    }
+    if (g->ne[1] == 1 || g->ne[1] == n_cols) {
+        return g;
+    }
+
+    // before their last FFN, most archs keep only the rows of the output tokens
+    ggml_tensor *& g_out = gate_exp_out[il];
+    if (!g_out) {
+        ggml_tensor * out_ids = nullptr;
+        for (const auto & inp : res->inputs) {
+            if (auto * o = dynamic_cast<llm_graph_input_out_ids *>(inp.get())) {
+                out_ids = o->out_ids;
+            }
+        }
+        GGML_ASSERT(out_ids && out_ids->ne[0] == n_cols && "flow: module input rows do not match the gate");
+        g_out = ggml_get_rows(ctx0, g, out_ids);
+    }
+    return g_out;
+}
+
+ggml_tensor * llama_flow_graph::apply(ggml_context * ctx0, llm_graph_result * res,
+                                      const ggml_tensor * w, ggml_tensor * cur, ggml_tensor * y) {
+    if (!state || !state->active()) {
+        return y;
+    }
+    const llama_flow_adapter & ad = *state->adapter;
+    const auto it = ad.weights.find(w);
+    if (it == ad.weights.end()) {
+        return y;
+    }
+    const llama_flow_weight & fw = it->second;
+    GGML_ASSERT(ggml_n_dims(cur) <= 2);
+
+    ggml_tensor * g = gate(ctx0, res, fw.il, cur->ne[1]);
+
+    ggml_tensor *& gah = group_out[{fw.group, cur}];
+    if (!gah) {
+        // g broadcasts over the group's stacked modules: each has the same rank layout
+        gah = ggml_mul(ctx0, ggml_mul_mat(ctx0, ad.groups[fw.group].a, cur), g);
+    }
+    ggml_tensor * gah_w = gah->ne[0] == ad.n_rank ? gah :
+        ggml_view_2d(ctx0, gah, ad.n_rank, gah->ne[1], gah->nb[1], fw.row0*gah->nb[0]);
+
+    return ggml_add(ctx0, y, ggml_mul_mat(ctx0, fw.b, gah_w));
+}
+
+void llama_flow_state::record_ubatch(ggml_backend_sched_t sched, const llm_graph_result * res, bool first, uint32_t n_tokens) {
+    if (first) {
+        gates.clear();
+        n_recorded = 0;
+    }
+    if (!record || !adapter || mode != LLAMA_FLOW_MODE_DYNAMIC) {
+        return;
+    }
+    const size_t n_layer = adapter->gate_w.size();
+    gates.resize(n_layer);
+    ggml_backend_sched_synchronize(sched);
+    for (size_t il = 0; il < n_layer; ++il) {
+        const ggml_tensor * t = res->t_flow_gate[il];
+        if (!t) {
+            continue;
+        }
+        GGML_ASSERT(t->ne[1] == (int64_t) n_tokens);
+        const size_t old = gates[il].size();
+        gates[il].resize(old + ggml_nelements(t));
+        ggml_backend_tensor_get(t, gates[il].data() + old, 0, ggml_nbytes(t));
+    }
+    n_recorded += n_tokens;
+}
+
+//
+// C API
+//
+
+llama_flow_adapter * llama_flow_adapter_init(llama_model * model, const char * path, char * err, size_t err_size) {
+    try {
+        if (!model || !path) {
+            throw std::runtime_error("model and path are required");
+        }
+        return flow_load(*model, path).release();
+    } catch (const std::exception & e) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, e.what());
+        if (err && err_size > 0) {
+            snprintf(err, err_size, "%s", e.what());
+        }
+        return nullptr;
+    }
+}
+
+void llama_flow_adapter_free(llama_flow_adapter * adapter) {
+    delete adapter;
+}
+
+int32_t llama_flow_adapter_n_adapters(const llama_flow_adapter * adapter) {
+    return adapter->k;
+}
+
+int32_t llama_flow_adapter_n_layer(const llama_flow_adapter * adapter) {
+    return (int32_t) adapter->gate_w.size();
+}
+
+const char * llama_flow_adapter_name(const llama_flow_adapter * adapter, int32_t i) {
+    return i >= 0 && i < adapter->k ? adapter->names[i].c_str() : nullptr;
+}
+
+int32_t llama_flow_set_adapter(llama_context * ctx, llama_flow_adapter * adapter) {
+    if (adapter && &adapter->model != &ctx->get_model()) {
+        LLAMA_LOG_ERROR("%s: the flow adapter was loaded for another model\n", __func__);
+        return -1;
+    }
+    llama_flow_state & st = ctx->flow;
+    if (st.adapter == adapter) {
+        return 0;
+    }
+    st.adapter = adapter;
+    st.mode = LLAMA_FLOW_MODE_DYNAMIC;
+    st.static_w.clear();
+    if (adapter) {
+        st.static_w.assign(adapter->gate_w.size()*adapter->k, 1.0f/adapter->k);
+    }
+    ctx->flow_changed();
+    return 0;
+}
+
+int32_t llama_flow_set_mode(llama_context * ctx, llama_flow_mode mode, const float * weights, int32_t n_weights) {
+    llama_flow_state & st = ctx->flow;
+    if (mode != LLAMA_FLOW_MODE_OFF && mode != LLAMA_FLOW_MODE_DYNAMIC && mode != LLAMA_FLOW_MODE_STATIC) {
+        LLAMA_LOG_ERROR("%s: unknown mode %d\n", __func__, (int) mode);
+        return -1;
+    }
+    if (mode == LLAMA_FLOW_MODE_STATIC) {
+        if (!st.adapter) {
+            LLAMA_LOG_ERROR("%s: no flow adapter set\n", __func__);
+            return -1;
+        }
+        const int32_t k = st.adapter->k;
+        const int32_t n_layer = (int32_t) st.adapter->gate_w.size();
+        if (!weights || (n_weights != k && n_weights != k*n_layer)) {
+            LLAMA_LOG_ERROR("%s: static mode takes %d or %d weights, got %d\n", __func__, k, k*n_layer, n_weights);
+            return -1;
+        }
+        for (int32_t i = 0; i < n_weights; ++i) {
+            if (!std::isfinite(weights[i])) {
+                LLAMA_LOG_ERROR("%s: static weight %d is not finite\n", __func__, i);
+                return -1;
+            }
+        }
+        for (int32_t i = 0; i < k*n_layer; ++i) {
+            st.static_w[i] = weights[n_weights == k ? i % k : i];
+        }
+    } else if (n_weights != 0) {
+        LLAMA_LOG_ERROR("%s: only static mode takes weights\n", __func__);
+        return -1;
+    }
+    if (st.mode != mode) {
+        st.mode = mode;
+        ctx->flow_changed();
+    }
+    return 0;
+}
+
+void llama_flow_set_record(llama_context * ctx, bool record) {
+    if (ctx->flow.record != record) {
+        ctx->flow.record = record;
+        ctx->flow_changed();
+    }
+}
+
+int32_t llama_flow_n_recorded(const llama_context * ctx) {
+    return ctx->flow.n_recorded;
+}
+
+const float * llama_flow_get_gates(const llama_context * ctx, int32_t il) {
+    const llama_flow_state & st = ctx->flow;
+    if (st.n_recorded == 0 || il < 0 || (size_t) il >= st.gates.size() || st.gates[il].empty()) {
+        return nullptr;
+    }
+    return st.gates[il].data();
+}

@@ -1,0 +1,51 @@
+// LoRA-Flow: per-token, per-layer dynamic fusion of k LoRAs (Wang et al., ACL 2024).
+// Public C API of the loraflow patch to llama.cpp. The file format is docs/FORMAT.md;
+// its key and tensor names mirror loraflow/schema.py.
+#pragma once
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct llama_flow_adapter;
+
+enum llama_flow_mode {
+    LLAMA_FLOW_MODE_OFF     = 0, // base model only
+    LLAMA_FLOW_MODE_DYNAMIC = 1, // w_l(t) = softmax(W_l x / T) + b_l, per token and layer
+    LLAMA_FLOW_MODE_STATIC  = 2, // fixed weights: k for every layer, or n_layer * k
+};
+
+// Load a LoRA-Flow GGUF for `model`. Every key, shape and type is checked against the
+// model first; on failure returns NULL and writes the reason into err (if err_size > 0).
+LLAMA_API struct llama_flow_adapter * llama_flow_adapter_init(
+        struct llama_model * model, const char * path, char * err, size_t err_size);
+
+LLAMA_API void llama_flow_adapter_free(struct llama_flow_adapter * adapter);
+
+LLAMA_API int32_t      llama_flow_adapter_n_adapters(const struct llama_flow_adapter * adapter);
+LLAMA_API int32_t      llama_flow_adapter_n_layer   (const struct llama_flow_adapter * adapter);
+LLAMA_API const char * llama_flow_adapter_name      (const struct llama_flow_adapter * adapter, int32_t i);
+
+// Attach (or, with NULL, detach) a flow adapter on a context. Returns 0, or -1 when the
+// adapter was loaded for another model. The adapter must outlive its use by the context.
+LLAMA_API int32_t llama_flow_set_adapter(struct llama_context * ctx, struct llama_flow_adapter * adapter);
+
+// Choose the fusion mode. STATIC takes k weights (all layers) or n_layer * k weights
+// (layer-major); other modes take none. Returns 0, or -1 for bad arguments.
+LLAMA_API int32_t llama_flow_set_mode(
+        struct llama_context * ctx, enum llama_flow_mode mode, const float * weights, int32_t n_weights);
+
+// Record the dynamic gate weights of every token llama_decode evaluates (off by default).
+LLAMA_API void llama_flow_set_record(struct llama_context * ctx, bool record);
+
+// Tokens recorded by the last llama_decode call (0 unless recording in DYNAMIC mode).
+LLAMA_API int32_t llama_flow_n_recorded(const struct llama_context * ctx);
+
+// Gate weights of layer il for the recorded tokens: [n_recorded][k] floats, or NULL.
+LLAMA_API const float * llama_flow_get_gates(const struct llama_context * ctx, int32_t il);
+
+#ifdef __cplusplus
+}
+#endif
