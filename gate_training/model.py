@@ -1,0 +1,336 @@
+"""LoRA-Flow in PyTorch: the reference for parity tests and the model gates train on.
+
+For decoder layer l and token t, x = the residual stream entering layer l:
+
+    w_l(t) = softmax(W_l x / T) + b_l                          (FlowGate; bias added after the softmax)
+    y      = W h + sum_i w_l,i(t) * s_i * B_i A_i h             (FlowLinear, every adapted module of layer l)
+
+FlowLinear evaluates the k LoRAs as one low-rank pair, as the runtime does:
+A_cat = [A_1; ...; A_k] ([R, n_in], R = sum r_i), B_cat = [s_1 B_1, ..., s_k B_k]
+([n_out, R]) and y += B_cat (expand(w) * (A_cat h)), where expand repeats w_i over
+adapter i's r_i rows. An adapter that does not cover a module has zero rows there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraflow import schema
+from loraflow.errors import FormatError, LoraFlowError
+from loraflow.peft_io import PeftAdapter
+
+MODES = ("dynamic", "static", "average", "single:<name>", "off")
+
+
+class FlowGate(nn.Module):
+    """One gate per decoder layer: w = softmax(W x / T) + b."""
+
+    def __init__(self, n_embd: int, k: int, init_adapter: int, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(k, n_embd, dtype=dtype, device=device))
+        # With W = 0 the softmax gives 1/k each; this bias turns that into one-hot on init_adapter
+        # (k=2, init 1 -> [-0.5, 0.5], the paper's start).
+        bias = torch.full((k,), -1.0 / k)
+        bias[init_adapter] += 1.0
+        self.bias = nn.Parameter(bias.to(dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        logits = F.linear(x.to(self.weight.dtype), self.weight) / temperature
+        return torch.softmax(logits, dim=-1) + self.bias
+
+
+class _LayerWeights:
+    """The fusion weights of one layer for the current forward, shared by its FlowLinear modules."""
+
+    w: torch.Tensor | None = None     # [batch, seq, k] (dynamic), [k] (static) or None (off)
+
+
+class FlowLinear(nn.Module):
+    """A frozen nn.Linear plus k LoRAs mixed by the layer's fusion weights."""
+
+    def __init__(self, base: nn.Linear, loras: list[tuple[torch.Tensor, torch.Tensor] | None],
+                 ranks: list[int], scales: list[float], fusion: _LayerWeights):
+        super().__init__()
+        self.base = base
+        self.fusion = fusion
+        a_rows, b_cols, slot = [], [], []
+        for i, (lora, r, s) in enumerate(zip(loras, ranks, scales)):
+            if lora is None:
+                a, b = torch.zeros(r, base.in_features), torch.zeros(base.out_features, r)
+            else:
+                a, b = lora
+            a_rows.append(a)
+            b_cols.append(b * s)          # fold s_i into B_i
+            slot += [i] * r
+        dev, dt = base.weight.device, base.weight.dtype
+        self.register_buffer("a_cat", torch.cat(a_rows, 0).to(dev, dt), persistent=False)   # [R, n_in]
+        self.register_buffer("b_cat", torch.cat(b_cols, 1).to(dev, dt), persistent=False)   # [n_out, R]
+        self.register_buffer("slot", torch.tensor(slot, device=dev), persistent=False)      # [R] -> adapter i
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.base(h)
+        w = self.fusion.w
+        if w is None:
+            return y
+        # y += B_cat (expand(w) * (A_cat h))
+        z = F.linear(h, self.a_cat) * w[..., self.slot]
+        return y + F.linear(z, self.b_cat)
+
+
+def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a causal LM (llama/qwen2/qwen3: model.layers; gemma3 multimodal:
+    model.language_model.layers)."""
+    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers",
+                 "language_model.layers", "layers"):
+        obj = hf_model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise LoraFlowError(f"cannot find the decoder layers of {type(hf_model).__name__} "
+                        "(looked for model.layers and model.language_model.layers)")
+
+
+class FlowModel(nn.Module):
+    """A transformers causal LM with k frozen LoRAs fused per token and layer by trainable gates.
+
+    The LM is modified in place: its target nn.Linear modules become FlowLinear, all its
+    parameters are frozen; only the gates (self.gates[l].weight, .bias) train.
+    """
+
+    def __init__(self, hf_model: nn.Module, adapters: list[PeftAdapter], names: list[str],
+                 temperature: float = 1.0, init_adapter: int | None = None):
+        super().__init__()
+        k = len(adapters)
+        if k == 0 or len(names) != k:
+            raise LoraFlowError(f"need k >= 1 adapters and one name each, got {k} adapters and {len(names)} names")
+        if len(set(names)) != k:
+            raise LoraFlowError(f"adapter names must be unique, got {names}")
+        init_adapter = k - 1 if init_adapter is None else init_adapter
+        if not -k <= init_adapter < k:
+            raise LoraFlowError(f"init_adapter={init_adapter} is not a slot of {k} adapters")
+        self.model = hf_model
+        self.names = list(names)
+        self.k = k
+        self.temperature = float(temperature)
+        layers = decoder_layers(hf_model)
+        self.n_layer = len(layers)
+        self.n_embd = hf_model.config.get_text_config().hidden_size
+        ref = next(hf_model.parameters())
+        self.gates = nn.ModuleList(
+            FlowGate(self.n_embd, k, init_adapter % k, dtype=ref.dtype, device=next(layer.parameters()).device)
+            for layer in layers)
+        self._layer_weights = [_LayerWeights() for _ in layers]
+        self._wrap_linears(layers, adapters, names)
+        for p in hf_model.parameters():
+            p.requires_grad_(False)
+        self._hooks = [layer.register_forward_pre_hook(self._make_hook(l), with_kwargs=True)
+                       for l, layer in enumerate(layers)]
+        self._last: list[torch.Tensor | None] = [None] * self.n_layer
+        self._last_shape = (0, 0)
+        self.set_mode("dynamic")
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _wrap_linears(self, layers, adapters, names):
+        for adapter, name in zip(adapters, names):
+            for layer, module in adapter.weights:
+                if layer >= self.n_layer:
+                    raise FormatError(f"adapter {name!r} ({adapter.path}) has LoRA on layer {layer} {module}, "
+                                      f"but the model has {self.n_layer} layers")
+        ranks = [a.r for a in adapters]
+        scales = [a.scale for a in adapters]
+        replace = []       # check every module first, so a refusal leaves hf_model untouched
+        for l, layer in enumerate(layers):
+            found = {}
+            for full, mod in layer.named_modules():
+                short = full.rsplit(".", 1)[-1]
+                if short in schema.HF_TO_GGUF_MODULE and isinstance(mod, nn.Linear):
+                    found[short] = full
+            for module in schema.HF_TO_GGUF_MODULE:
+                covered = [a.weights.get((l, module)) for a in adapters]
+                if all(c is None for c in covered):
+                    continue
+                if module not in found:
+                    who = [n for n, c in zip(names, covered) if c is not None]
+                    raise FormatError(f"adapters {who} have LoRA on layer {l} {module}, "
+                                      f"which layer {l} of {type(self.model).__name__} does not have")
+                parent_name, _, attr = found[module].rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                base = getattr(parent, attr)
+                loras = []
+                for name, c in zip(names, covered):
+                    if c is None:
+                        loras.append(None)
+                        continue
+                    a, b = c
+                    if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                        raise FormatError(
+                            f"adapter {name!r}: layer {l} {module} lora_A {list(a.shape)} / lora_B {list(b.shape)} "
+                            f"do not fit the base weight [{base.out_features}, {base.in_features}]")
+                    loras.append((torch.from_numpy(a), torch.from_numpy(b)))
+                replace.append((parent, attr, FlowLinear(base, loras, ranks, scales, self._layer_weights[l])))
+        for parent, attr, flow_linear in replace:
+            setattr(parent, attr, flow_linear)
+
+    def _make_hook(self, l: int):
+        def hook(layer, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]      # residual stream entering layer l
+            if self.mode == "off":
+                w = None
+            elif self.mode == "dynamic":
+                w = self.gates[l](x, self.temperature).to(x.dtype)   # [batch, seq, k]
+            else:
+                w = self._static[l].to(x.device, x.dtype)          # [k]
+            self._layer_weights[l].w = w
+            self._last[l] = None if w is None else w.detach()
+            self._last_shape = tuple(x.shape[:2])
+        return hook
+
+    # -- modes ---------------------------------------------------------------------------------
+
+    def set_mode(self, mode: str, weights=None) -> None:
+        """dynamic (the gates) | static (weights [k] or [n_layer, k]) | average | single:<name> | off."""
+        k, L = self.k, self.n_layer
+        static = None
+        if mode == "static":
+            if weights is None:
+                raise LoraFlowError("mode 'static' needs weights: [k] or [n_layer, k]")
+            w = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+            if w.shape == (k,):
+                w = w.expand(L, k)
+            if w.shape != (L, k):
+                raise LoraFlowError(f"static weights must have shape [{k}] or [{L}, {k}], got {list(w.shape)}")
+            static = w.clone()
+        elif weights is not None:
+            raise LoraFlowError(f"mode {mode!r} takes no weights")
+        elif mode == "average":
+            static = torch.full((L, k), 1.0 / k)
+        elif mode.startswith("single:"):
+            name = mode.split(":", 1)[1]
+            if name not in self.names:
+                raise LoraFlowError(f"mode {mode!r}: no adapter named {name!r} (adapters: {self.names})")
+            static = torch.zeros(L, k)
+            static[:, self.names.index(name)] = 1.0
+        elif mode not in ("dynamic", "off"):
+            raise LoraFlowError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        self.mode = mode
+        self._static = static
+
+    # -- running -------------------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def last_gate_weights(self) -> np.ndarray:
+        """[batch, n_tokens, n_layer, k] float32: the fusion weights the last forward used (0 for 'off')."""
+        b, s = self._last_shape
+        out = np.zeros((b, s, self.n_layer, self.k), dtype=np.float32)
+        for l, w in enumerate(self._last):
+            if w is not None:
+                out[:, :, l, :] = w.float().expand(b, s, self.k).cpu().numpy()
+        return out
+
+    # -- gate checkpoints ----------------------------------------------------------------------
+
+    def gate_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our checkpoint tensors (float32, CPU): layers.{i}.weight [k, n_embd], layers.{i}.bias [k]."""
+        sd = {}
+        for i, g in enumerate(self.gates):
+            sd[schema.GATE_CKPT_WEIGHT.format(i=i)] = g.weight.detach().float().cpu().contiguous()
+            sd[schema.GATE_CKPT_BIAS.format(i=i)] = g.bias.detach().float().cpu().contiguous()
+        return sd
+
+    def save_gate(self, out_dir) -> Path:
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / schema.GATE_CKPT_FILE
+        save_file(self.gate_state_dict(), str(path), metadata={
+            schema.GATE_CKPT_META_ADAPTERS: json.dumps(self.names),
+            schema.GATE_CKPT_META_TEMPERATURE: repr(self.temperature),
+        })
+        return path
+
+    def load_gate(self, path) -> None:
+        """Load our checkpoint (a gate.safetensors file or the folder holding it); adopts its temperature."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / schema.GATE_CKPT_FILE
+        if not path.is_file():
+            raise FormatError(f"{path}: gate checkpoint not found")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        staged = self._check_gates(tensors, schema.GATE_CKPT_WEIGHT, schema.GATE_CKPT_BIAS, path)
+        if schema.GATE_CKPT_META_ADAPTERS in meta:
+            saved = json.loads(meta[schema.GATE_CKPT_META_ADAPTERS])
+            if saved != self.names:
+                raise FormatError(f"{path}: gates were trained for adapters {saved} (in that slot order), "
+                                  f"this model has {self.names}")
+        self._set_gates(staged)
+        if schema.GATE_CKPT_META_TEMPERATURE in meta:
+            self.temperature = float(meta[schema.GATE_CKPT_META_TEMPERATURE])
+
+    def load_paper_gate(self, path) -> None:
+        """Load a gate released with the paper (torch file); its slots are taken in this model's order."""
+        path = Path(path)
+        if not path.is_file():
+            raise FormatError(f"{path}: paper gate file not found")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle/zip errors come in many types
+            raise FormatError(f"{path}: cannot read it as a torch state dict ({e})") from None
+        for wrapper in ("state_dict", "model", "module"):    # tolerate a wrapped state dict
+            if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+                sd = sd[wrapper]
+        if not isinstance(sd, dict):
+            raise FormatError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+        # Keys may carry a prefix (e.g. `base_model.model.`); index them by the schema's suffix.
+        probe = schema.PAPER_GATE_WEIGHT.format(i=0).split(".", 1)[0] + "."
+        tensors = {key[key.index(probe):]: v for key, v in sd.items()
+                   if isinstance(key, str) and probe in key and torch.is_tensor(v)}
+        self._set_gates(self._check_gates(tensors, schema.PAPER_GATE_WEIGHT, schema.PAPER_GATE_BIAS, path))
+
+    def _check_gates(self, tensors: dict, weight_fmt: str, bias_fmt: str, source) -> list:
+        """Validate every layer's gate tensors (before any parameter changes); return [(W, b)] per layer."""
+        k, n = self.k, self.n_embd
+        staged = []
+        for i in range(self.n_layer):
+            wk, bk = weight_fmt.format(i=i), bias_fmt.format(i=i)
+            for key in (wk, bk):
+                if key not in tensors:
+                    raise FormatError(f"{source}: missing layer {i}: no tensor {key} "
+                                      f"(the model has {self.n_layer} layers)")
+            w, b = tensors[wk], tensors[bk]
+            if w.ndim != 2 or w.shape[0] != k:
+                raise FormatError(f"{source}: {wk} has shape {list(w.shape)}: a gate for k={w.shape[0] if w.ndim else '?'} "
+                                  f"adapters, but the model has k={k} ({self.names})")
+            if w.shape[1] != n:
+                raise FormatError(f"{source}: {wk} has shape {list(w.shape)}: n_embd={w.shape[1]}, "
+                                  f"but the model's hidden size is {n}")
+            if b.numel() != k:
+                raise FormatError(f"{source}: {bk} has shape {list(b.shape)}, expected [{k}] for k={k} adapters")
+            staged.append((w, b.reshape(k)))
+        extra = weight_fmt.format(i=self.n_layer)
+        if extra in tensors:
+            raise FormatError(f"{source}: has a gate for layer {self.n_layer} ({extra}), "
+                              f"but the model has only {self.n_layer} layers")
+        return staged
+
+    def _set_gates(self, staged: list) -> None:
+        with torch.no_grad():
+            for g, (w, b) in zip(self.gates, staged):
+                g.weight.copy_(w)
+                g.bias.copy_(b)

@@ -1,0 +1,183 @@
+"""Read a PEFT LoRA adapter folder into plain numpy arrays.
+
+Shared by the converter (no torch there) and the PyTorch gate model. Only plain
+LoRA on the decoder projections in schema.HF_TO_GGUF_MODULE is accepted; anything
+else (DoRA, per-module ranks, LoRA on embeddings or lm_head, ...) is refused with
+a ConversionError that says what is unsupported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loraflow.errors import ConversionError
+from loraflow.schema import HF_TO_GGUF_MODULE
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+# `<prefix>.layers.<N>.<parent>.<module>.lora_<A|B>[.<adapter name>].weight`; the prefix
+# is whatever wraps the decoder (base_model.model.model, ...model.language_model, ...).
+_KEY_RE = re.compile(
+    r"^(?P<prefix>.*?)\blayers\.(?P<layer>\d+)\.(?:(?P<parent>[A-Za-z_]\w*)\.)?"
+    r"(?P<module>[A-Za-z_]\w*)\.lora_(?P<ab>[AB])(?:\.(?P<name>[A-Za-z_][\w-]*))?\.weight$"
+)
+
+
+@dataclass
+class PeftAdapter:
+    """One LoRA: y = W h + scale * B A h on each covered (layer, module)."""
+
+    r: int
+    alpha: float
+    use_rslora: bool
+    scale: float                      # alpha / r, or alpha / sqrt(r) for rsLoRA
+    target_modules: list[str]         # HF module names present in the weights, sorted
+    weights: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = field(repr=False)
+    # (layer, hf_module) -> (A [r, n_in] float32, B [n_out, r] float32)
+    name: str | None = None
+    path: str | None = None
+
+    @property
+    def n_layers_covered(self) -> int:
+        return len({layer for layer, _ in self.weights})
+
+
+def read_peft_adapter(path, name: str | None = None) -> PeftAdapter:
+    """Read a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{path}: not a PEFT adapter folder (expected a directory with {CONFIG_FILE})")
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise ConversionError(f"{path}: missing {CONFIG_FILE}; is this a PEFT adapter folder?")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{cfg_path}: not valid JSON ({e})") from None
+
+    r, alpha, use_rslora = _check_config(cfg, cfg_path)
+    tensors = _read_weights(path)
+    weights = _collect_lora(tensors, r, path)
+    scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+    return PeftAdapter(
+        r=r, alpha=alpha, use_rslora=use_rslora, scale=scale,
+        target_modules=sorted({m for _, m in weights}),
+        weights=weights, name=name, path=str(path),
+    )
+
+
+def _check_config(cfg: dict, cfg_path: Path) -> tuple[int, float, bool]:
+    def refuse(what):
+        raise ConversionError(f"{cfg_path}: {what} is not supported by LoRA-Flow (plain LoRA only)")
+
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        refuse(f"peft_type {cfg.get('peft_type')!r}")
+    if cfg.get("use_dora"):
+        refuse("DoRA (use_dora=true)")
+    if cfg.get("lora_bias"):
+        refuse("a LoRA bias (lora_bias=true)")
+    if cfg.get("modules_to_save"):
+        refuse(f"modules_to_save {cfg['modules_to_save']} (fully trained modules)")
+    if cfg.get("trainable_token_indices"):
+        refuse("trainable_token_indices (trained embedding rows)")
+    if cfg.get("layer_replication"):
+        refuse("layer_replication")
+    try:
+        r = int(cfg["r"])
+        alpha = float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise ConversionError(f"{cfg_path}: needs integer 'r' and number 'lora_alpha'") from None
+    if r <= 0:
+        raise ConversionError(f"{cfg_path}: r={r} must be positive")
+    # Per-module ranks/alphas would need a scale per module; refuse unless they restate the defaults.
+    for key, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
+        pattern = cfg.get(key) or {}
+        varying = {k: v for k, v in pattern.items() if float(v) != float(default)}
+        if varying:
+            refuse(f"{key} with per-module values {varying} (global value {default})")
+    return r, alpha, bool(cfg.get("use_rslora", False))
+
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    st, bin_ = (path / f for f in WEIGHT_FILES)
+    if st.is_file():
+        return _read_safetensors(st)
+    if bin_.is_file():
+        try:
+            import torch
+        except ImportError:
+            raise ConversionError(f"{bin_}: reading a .bin adapter needs torch (pip install torch), "
+                                  "or re-save the adapter with safe_serialization=True") from None
+        state = torch.load(bin_, map_location="cpu", weights_only=True)
+        return {k: v.detach().float().numpy() for k, v in state.items()}
+    raise ConversionError(f"{path}: no adapter weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """safetensors.numpy, except for bf16, which numpy lacks: widen those by hand to float32."""
+    from safetensors.numpy import load_file
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    if not any(t["dtype"] == "BF16" for t in header.values()):
+        return load_file(str(path))
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for key, t in header.items():
+        if t["dtype"] != "BF16":
+            raise ConversionError(f"{path}: mixes BF16 with {t['dtype']} tensors ({key}); re-save it in one dtype")
+        start, end = t["data_offsets"]
+        bits = np.frombuffer(raw[start:end].tobytes(), dtype="<u2").astype(np.uint32) << 16
+        out[key] = bits.view(np.float32).reshape(t["shape"])
+    return out
+
+
+def _collect_lora(tensors: dict[str, np.ndarray], r: int, path: Path):
+    halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise ConversionError(f"{path}: tensor {key} is a DoRA magnitude; DoRA is not supported")
+        if "lora_embedding" in key:
+            raise ConversionError(f"{path}: tensor {key} is LoRA on the token embeddings; "
+                                  "only the projections " + ", ".join(HF_TO_GGUF_MODULE) + " are supported")
+        m = _KEY_RE.match(key)
+        if m is None:
+            what = "LoRA on lm_head" if "lm_head" in key else "a tensor that is not a decoder-layer lora_A/lora_B weight"
+            raise ConversionError(f"{path}: tensor {key} is {what}; only LoRA on "
+                                  + ", ".join(HF_TO_GGUF_MODULE) + " is supported")
+        module = m["module"]
+        if module not in HF_TO_GGUF_MODULE:
+            raise ConversionError(f"{path}: tensor {key} is LoRA on module {module!r}; only "
+                                  + ", ".join(HF_TO_GGUF_MODULE) + " are supported")
+        if value.ndim != 2:
+            raise ConversionError(f"{path}: tensor {key} has shape {list(value.shape)}, expected 2-D")
+        slot = halves.setdefault((int(m["layer"]), module), {})
+        if m["ab"] in slot:
+            raise ConversionError(f"{path}: two lora_{m['ab']} tensors for layer {m['layer']} {module} "
+                                  "(several adapters in one file?)")
+        slot[m["ab"]] = np.ascontiguousarray(value, dtype=np.float32)
+
+    if not halves:
+        raise ConversionError(f"{path}: no LoRA tensors found")
+    weights = {}
+    for (layer, module), ab in sorted(halves.items()):
+        if set(ab) != {"A", "B"}:
+            missing = ({"A", "B"} - set(ab)).pop()
+            raise ConversionError(f"{path}: layer {layer} {module} has no lora_{missing} tensor")
+        a, b = ab["A"], ab["B"]
+        if a.shape[0] != b.shape[1] or a.shape[0] != r:
+            raise ConversionError(f"{path}: layer {layer} {module}: lora_A {list(a.shape)} and lora_B "
+                                  f"{list(b.shape)} do not share the configured rank r={r}")
+        weights[(layer, module)] = (a, b)
+    return weights
