@@ -23,9 +23,9 @@ from torch import nn
 
 from loraflow import schema
 from loraflow.errors import FormatError, LoraFlowError
+from loraflow.modes import resolve_mode
 from loraflow.peft_io import PeftAdapter
 
-MODES = ("dynamic", "static", "average", "single:<name>", "off")
 
 
 class FlowGate(nn.Module):
@@ -199,29 +199,8 @@ class FlowModel(nn.Module):
 
     def set_mode(self, mode: str, weights=None) -> None:
         """dynamic (the gates) | static (weights [k] or [n_layer, k]) | average | single:<name> | off."""
-        k, L = self.k, self.n_layer
-        static = None
-        if mode == "static":
-            if weights is None:
-                raise LoraFlowError("mode 'static' needs weights: [k] or [n_layer, k]")
-            w = torch.as_tensor(np.asarray(weights, dtype=np.float32))
-            if w.shape == (k,):
-                w = w.expand(L, k)
-            if w.shape != (L, k):
-                raise LoraFlowError(f"static weights must have shape [{k}] or [{L}, {k}], got {list(w.shape)}")
-            static = w.clone()
-        elif weights is not None:
-            raise LoraFlowError(f"mode {mode!r} takes no weights")
-        elif mode == "average":
-            static = torch.full((L, k), 1.0 / k)
-        elif mode.startswith("single:"):
-            name = mode.split(":", 1)[1]
-            if name not in self.names:
-                raise LoraFlowError(f"mode {mode!r}: no adapter named {name!r} (adapters: {self.names})")
-            static = torch.zeros(L, k)
-            static[:, self.names.index(name)] = 1.0
-        elif mode not in ("dynamic", "off"):
-            raise LoraFlowError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        resolved = resolve_mode(mode, self.names, self.n_layer, weights)
+        static = None if resolved.weights is None else torch.from_numpy(resolved.weights.copy())
         self.mode = mode
         self._static = static
 

@@ -49,7 +49,7 @@ def resolve_mode(mode: str, names: Sequence[str], n_layer: int, weights=None) ->
         if not np.all(np.isfinite(w)):
             raise LoraFlowError("static weights must be finite numbers")
     else:
-        raise LoraFlowError(f"unknown fusion mode '{mode}'; choose one of: {', '.join(MODE_NAMES)}")
+        raise LoraFlowError(f"unknown mode '{mode}'; choose one of: {', '.join(MODE_NAMES)}")
     if mode != "static" and weights is not None:
         raise LoraFlowError(f"mode '{mode}' takes no weights")
     return Mode("static", np.ascontiguousarray(w))

@@ -154,7 +154,7 @@ def test_mode_errors(llama):
     flow = llama.flow(["lang", "task"])
     with pytest.raises(LoraFlowError, match="no adapter named 'nope'"):
         flow.set_mode("single:nope")
-    with pytest.raises(LoraFlowError, match=r"shape \[2\] or \[2, 2\]"):
+    with pytest.raises(LoraFlowError, match=r"shape \(2,\) or \(2, 2\)"):
         flow.set_mode("static", [1, 2, 3])
     with pytest.raises(LoraFlowError, match="unknown mode"):
         flow.set_mode("dynamc")
