@@ -62,12 +62,17 @@ def write_random_peft_adapter(out_dir: str | os.PathLike, shapes: Dict[Tuple[int
     return out
 
 
-def random_gate(n_layer: int, k: int, n_embd: int, seed: int, scale: float = 1.0):
-    """Per layer (W [k, n_embd], b [k]) whose softmax clearly varies from token to token."""
+def random_gate(n_layer: int, k: int, n_embd: int, seed: int, scale: float = 1.0,
+                input_rms: Sequence[float] | None = None):
+    """Per layer (W [k, n_embd], b [k]) whose softmax clearly varies from token to token.
+
+    With `input_rms` (the RMS of each layer's input) the gate logits have a spread of about
+    `scale`, like a trained gate's; without it, of about `scale` times that RMS."""
     rng = np.random.default_rng(seed)
     layers = []
-    for _ in range(n_layer):
-        w = rng.standard_normal((k, n_embd)).astype(np.float32) * scale / np.sqrt(n_embd)
+    for il in range(n_layer):
+        norm = np.sqrt(n_embd) * (input_rms[il] if input_rms is not None else 1.0)
+        w = rng.standard_normal((k, n_embd)).astype(np.float32) * np.float32(scale / norm)
         b = rng.uniform(-0.5, 0.5, size=k).astype(np.float32)
         layers.append((w, b))
     return layers
