@@ -1,0 +1,272 @@
+"""Decode and prefill speed of LoRA-Flow against stock llama.cpp and PyTorch, in one run.
+
+    python -m benchmarks.decode [--k 2] [--rank 16] [--threads 2] [--reps 3] [--out benchmarks/results]
+    python -m benchmarks.decode --scaling          # k = 1, 2, 4, 8: stock static vs flow dynamic, PNG
+
+Every configuration runs in its own subprocess (so peak RSS is its own) on the same base
+model file: the bare base (stock llama.cpp API), k static LoRAs through stock
+`llama_set_adapters_lora`, the flow adapter in `dynamic` and `static` modes, and the PyTorch
+model of the method (fp32, same LoRAs and gate). Reported: prefill tokens/s (128 and 512
+tokens), decode tokens/s (128 tokens after a 64-token prompt), medians of --reps runs, peak
+RSS, file sizes; a markdown table of ratios against stock static multi-LoRA, and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from loraflow import synthetic
+from loraflow.models import cache_dir, default_model_path
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PREFILL = (128, 512)
+DECODE_PROMPT, DECODE_TOKENS = 64, 128
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+def hf_config_dir(base: Path, work: Path) -> Path:
+    """config.json of the base model (from its GGUF), which llama.cpp's LoRA converter reads."""
+    out = work / "base-config"
+    if not (out / "config.json").exists():
+        import transformers
+
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config = transformers.AutoConfig.from_pretrained(str(base.parent), gguf_file=base.name)
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        config.save_pretrained(str(out))
+    return out
+
+
+def prepare(base: Path, k: int, rank: int, outtype: str) -> dict:
+    """k random rank-`rank` LoRAs on all 7 modules, a random gate, the flow file, and each LoRA
+    converted by llama.cpp's own convert_lora_to_gguf.py (what stock llama.cpp loads)."""
+    from loraflow.converter.flow import convert_flow
+    from loraflow.llama_source import llama_cpp_source_dir
+
+    work = cache_dir("bench", f"k{k}-r{rank}-{outtype}")
+    n_layer, n_embd, shapes = synthetic.base_gguf_shapes(base)
+    names = [f"lora{i}" for i in range(k)]
+    peft_dirs, stock = [], []
+    for i, name in enumerate(names):
+        d = work / name
+        if not (d / "adapter_config.json").exists():
+            synthetic.write_random_peft_adapter(d, shapes, r=rank, alpha=2 * rank, seed=100 + i, targets=MODULES)
+        peft_dirs.append(d)
+        out = work / f"{name}-stock-{outtype}.gguf"
+        if not out.exists():
+            subprocess.run([sys.executable, str(llama_cpp_source_dir() / "convert_lora_to_gguf.py"),
+                            "--base", str(hf_config_dir(base, work)), "--outtype", outtype, "--outfile", str(out),
+                            str(d)], check=True, capture_output=True)
+        stock.append(out)
+    gate = work / "gate.safetensors"
+    if not gate.exists():
+        synthetic.write_gate_checkpoint(gate, synthetic.random_gate(n_layer, k, n_embd, seed=9), names)
+    flow = work / f"flow-{outtype}.gguf"
+    if not flow.exists():
+        convert_flow(base, list(zip(names, map(str, peft_dirs))), gate, flow, outtype=outtype)
+    return dict(names=names, peft=[str(p) for p in peft_dirs], stock=[str(p) for p in stock], gate=str(gate),
+                flow=str(flow))
+
+
+# -- one configuration (runs in a subprocess) ------------------------------------------------
+
+def tokens_for(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(100, 40000, n).tolist()
+
+
+def time_llama(llm, reps: int) -> dict:
+    """Prefill and decode timings on a llama_cpp.Llama (or FlowLlama)."""
+    out = {}
+    for n in PREFILL:
+        toks, times = tokens_for(n), []
+        for _ in range(reps + 1):  # the first run warms up
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+            t = time.perf_counter()
+            llm.eval(toks)
+            times.append(time.perf_counter() - t)
+        out[f"prefill{n}"] = n / statistics.median(times[1:])
+    times = []
+    for _ in range(reps + 1):
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        llm.eval(tokens_for(DECODE_PROMPT))
+        toks = tokens_for(DECODE_TOKENS, seed=1)
+        t = time.perf_counter()
+        for tok in toks:
+            llm.eval([tok])
+        times.append(time.perf_counter() - t)
+    out["decode"] = DECODE_TOKENS / statistics.median(times[1:])
+    return out
+
+
+def time_torch(model, reps: int) -> dict:
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for n in PREFILL:
+            ids, times = torch.tensor([tokens_for(n)]), []
+            for _ in range(reps + 1):
+                t = time.perf_counter()
+                model.forward(ids)
+                times.append(time.perf_counter() - t)
+            out[f"prefill{n}"] = n / statistics.median(times[1:])
+        times = []
+        for _ in range(reps + 1):
+            past = model.model(torch.tensor([tokens_for(DECODE_PROMPT)]), use_cache=True).past_key_values
+            toks = tokens_for(DECODE_TOKENS, seed=1)
+            t = time.perf_counter()
+            for tok in toks:
+                past = model.model(torch.tensor([[tok]]), past_key_values=past, use_cache=True).past_key_values
+            times.append(time.perf_counter() - t)
+        out["decode"] = DECODE_TOKENS / statistics.median(times[1:])
+    return out
+
+
+def run_one(config: str, base: str, inputs: dict, threads: int, reps: int) -> dict:
+    kw = dict(n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    if config == "base":
+        import llama_cpp
+
+        result = time_llama(llama_cpp.Llama(base, **kw), reps)
+    elif config == "stock_static":
+        import ctypes
+
+        import llama_cpp
+
+        llm = llama_cpp.Llama(base, **kw)
+        adapters = [llama_cpp.llama_adapter_lora_init(llm.model, p.encode()) for p in inputs["stock"]]
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
+        scales = (ctypes.c_float * len(adapters))(*([1.0 / len(adapters)] * len(adapters)))
+        assert llama_cpp.llama_set_adapters_lora(llm.ctx, arr, len(adapters), scales) == 0
+        result = time_llama(llm, reps)
+    elif config in ("flow_dynamic", "flow_static"):
+        from loraflow.runtime import FlowLlama
+
+        llm = FlowLlama(base, flow_path=inputs["flow"], **kw)
+        if config == "flow_static":
+            llm.set_mode("average")
+        result = time_llama(llm, reps)
+    elif config == "torch":
+        import torch
+        import transformers
+
+        from loraflow.gate_training.model import FlowModel
+        from loraflow.peft_io import read_peft_adapter
+
+        torch.set_num_threads(threads)
+        path = Path(base)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                               dtype=torch.float32)
+        model = FlowModel(hf, [read_peft_adapter(p) for p in inputs["peft"]], inputs["names"])
+        model.load_gate(inputs["gate"])
+        result = time_torch(model, reps)
+    else:
+        raise SystemExit(f"unknown configuration {config}")
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def measure(config: str, base: Path, inputs: dict, threads: int, reps: int) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.decode", "--one", config, "--base", str(base), "--inputs",
+           json.dumps(inputs), "--threads", str(threads), "--reps", str(reps)]
+    print(f"  {config} ...", end="", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f" decode {result['decode']:.1f} tok/s", flush=True)
+    return result
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+def table(results: dict, ref: str) -> str:
+    cols = [f"prefill{n}" for n in PREFILL] + ["decode"]
+    lines = ["| configuration | " + " | ".join(f"{c} tok/s" for c in cols) + " | " +
+             " | ".join(f"{c} vs {ref}" for c in cols) + " | peak RSS MB |",
+             "|---" * (2 * len(cols) + 2) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " | " +
+                     " | ".join(f"{r[c] / results[ref][c]:.2f}x" for c in cols) + f" | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--configs", default="base,stock_static,flow_dynamic,flow_static,torch")
+    ap.add_argument("--scaling", action="store_true", help="k = 1, 2, 4, 8 decode: stock static vs flow dynamic")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
+    ap.add_argument("--inputs", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.one:
+        print(json.dumps(run_one(args.one, args.base, json.loads(args.inputs), args.threads, args.reps)))
+        return 0
+
+    base = default_model_path()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.scaling:
+        rows = {}
+        for k in (1, 2, 4, 8):
+            inputs = prepare(base, k, args.rank, args.outtype)
+            print(f"k = {k}")
+            rows[k] = {c: measure(c, base, inputs, args.threads, args.reps)["decode"]
+                       for c in ("stock_static", "flow_dynamic")}
+        (out / "scaling.json").write_text(json.dumps(rows, indent=2))
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ks = sorted(rows)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(ks, [rows[k]["stock_static"] for k in ks], "o-", label="stock llama.cpp, k static LoRAs")
+        ax.plot(ks, [rows[k]["flow_dynamic"] for k in ks], "o-", label="LoRA-Flow dynamic")
+        ax.set_xlabel("k (LoRAs)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_xticks(ks)
+        ax.set_title(f"{base.name}, rank {args.rank}, {args.threads} threads", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "scaling.png", dpi=120)
+        print("\n".join(f"k={k}: flow/stock = {rows[k]['flow_dynamic'] / rows[k]['stock_static']:.2f}x" for k in ks))
+        return 0
+
+    inputs = prepare(base, args.k, args.rank, args.outtype)
+    sizes = {"base": base.stat().st_size, "flow": Path(inputs["flow"]).stat().st_size,
+             "stock": sum(Path(p).stat().st_size for p in inputs["stock"])}
+    print(f"{base.name}: k={args.k}, rank {args.rank}, LoRA tensors {args.outtype}, {args.threads} threads")
+    results = {c: measure(c, base, inputs, args.threads, args.reps) for c in args.configs.split(",")}
+    report = table(results, "stock_static")
+    print("\n" + report)
+    print(f"\nfiles: base {sizes['base'] / 2**20:.1f} MiB, flow {sizes['flow'] / 2**20:.2f} MiB, "
+          f"stock LoRAs {sizes['stock'] / 2**20:.2f} MiB")
+    (out / "decode.json").write_text(json.dumps(dict(settings=vars(args), sizes=sizes, results=results), indent=2))
+    (out / "decode.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
