@@ -147,10 +147,9 @@ def test_flow_matters_in_batches(setup):
 
 
 @pytest.mark.parametrize("kv_unified", [
-    pytest.param(False, id="kv-per-seq", marks=pytest.mark.xfail(
-        reason="native: llama_flow_get_gates returns rows in ubatch order; with one KV stream per sequence "
-               "llama.cpp splits a mixed batch into ubatches by sequence, so the rows are not in batch order",
-        strict=False)),
+    # with one KV stream per sequence llama.cpp splits a mixed batch into ubatches by sequence;
+    # the recorded rows must still come back in batch order
+    pytest.param(False, id="kv-per-seq"),
     pytest.param(True, id="kv-unified"),
 ])
 def test_recorded_gates_follow_batch_order(setup, kv_unified):

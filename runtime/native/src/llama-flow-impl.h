@@ -13,6 +13,7 @@
 #include <vector>
 
 struct llama_model;
+struct llama_ubatch;
 class  llm_graph_result;
 
 // One adapted base weight W (blk.N.<module>.weight): y += B (g * (A h)).
@@ -20,11 +21,11 @@ struct llama_flow_weight {
     int32_t       il;    // layer
     int32_t       group; // index into llama_flow_adapter::groups (holds A)
     int64_t       row0;  // first row of this module's A inside the group's A
-    ggml_tensor * b;     // [R, n_out], columns scaled by s_i
+    ggml_tensor * b;     // [n_rank, n_out], columns scaled by s_i
 };
 
 // Modules of a layer that read the same input (q, k, v; gate, up) share one A matmul:
-// their A_cat are stacked into one [n_in, n_members * R] tensor.
+// their A_cat are stacked into one [n_in, n_members * n_rank] tensor.
 struct llama_flow_group {
     ggml_tensor * a;
 };
@@ -33,14 +34,13 @@ struct llama_flow_adapter {
     const llama_model & model;
 
     int32_t k      = 0; // number of fused LoRAs
-    int32_t n_rank = 0; // R = sum of ranks
+    int32_t n_rank = 0; // rank rows per module inside the runtime: k * r_max, interleaved
     float   temperature = 1.0f;
 
     std::vector<std::string> names;
 
     std::vector<ggml_tensor *> gate_w; // per layer, [n_embd, k] F32
     std::vector<ggml_tensor *> gate_b; // per layer, [k] F32
-    std::vector<ggml_tensor *> expand; // per layer, [k, R] 0/1: which adapter each rank row belongs to
 
     std::unordered_map<const ggml_tensor *, llama_flow_weight> weights; // keyed by base weight
     std::vector<llama_flow_group> groups;
@@ -67,8 +67,10 @@ struct llama_flow_state {
 
     bool active() const { return adapter && mode != LLAMA_FLOW_MODE_OFF; }
 
-    // copy the gate weights of an evaluated ubatch to the host (when recording)
-    void record_ubatch(ggml_backend_sched_t sched, const llm_graph_result * res, bool first, uint32_t n_tokens);
+    // copy the gate weights of an evaluated ubatch to the host (when recording), in batch order;
+    // n_prev: tokens of this batch in earlier ubatches
+    void record_ubatch(ggml_backend_sched_t sched, const llm_graph_result * res, const llama_ubatch & ubatch,
+                       uint32_t n_prev, uint32_t n_tokens_all);
 };
 
 // Built once per graph; caches the per-layer gate and the shared A products.
@@ -85,7 +87,7 @@ private:
     ggml_tensor * gate(ggml_context * ctx0, llm_graph_result * res, int32_t il, int64_t n_cols);
 
     ggml_tensor * static_inp = nullptr;                              // [k, n_layer]
-    std::map<int32_t, ggml_tensor *> gate_exp;                       // il -> [R, n_tokens] (or [R, 1])
+    std::map<int32_t, ggml_tensor *> gate_exp;                       // il -> [k, n_tokens] (or [k, 1])
     std::map<int32_t, ggml_tensor *> gate_exp_out;                   // il -> rows of the output tokens
     std::map<std::pair<int32_t, const ggml_tensor *>, ggml_tensor *> group_out; // (group, input) -> g * (A h)
 };

@@ -5,11 +5,14 @@
 //     y      = W h + sum_i w_l,i(t) s_i B_i A_i h  =  W h + B_cat (expand(w_l) * (A_cat h))
 // A_cat stacks the k LoRAs' A (rank R = sum r_i), B_cat their B with s_i folded in, and
 // expand() repeats each adapter's weight over its r_i rank rows: two matmuls per module
-// whatever k is. Modules reading the same input share one A matmul (see groups).
+// whatever k is. Modules reading the same input share one A matmul (see groups). At load
+// the rank rows are interleaved (row q*k + i = rank q of adapter i, padded to the largest
+// rank), so expand() is the broadcasting of ggml_mul and costs no graph node.
 
 #include "llama-flow-impl.h"
 
 #include "llama-arch.h"
+#include "llama-batch.h"
 #include "llama-context.h"
 #include "llama-graph.h"
 #include "llama-impl.h"
@@ -17,6 +20,7 @@
 
 #include "gguf.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -190,7 +194,6 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
     if (n_rank > LLAMA_FLOW_MAX_RANK) {
         throw std::runtime_error(format("%s: total rank %lld too large", path.c_str(), (long long) n_rank));
     }
-    ad->n_rank = (int32_t) n_rank;
     ad->temperature = f.f32("loraflow.gate.temperature");
     if (!std::isfinite(ad->temperature) || ad->temperature <= 0.0f) {
         throw std::runtime_error(format("%s: gate temperature must be a positive number, got %g", path.c_str(), ad->temperature));
@@ -297,20 +300,30 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
         return c;
     };
 
-    struct upload { ggml_tensor * src; ggml_tensor * dst; size_t dst_offset; };
+    // Inside the runtime the rank rows are interleaved: internal row q*k + i holds rank row q
+    // of adapter i (zero where q >= r_i), k * r_max rows in all. The gate's k weights then
+    // scale (A h) by plain broadcasting, with no expansion step in the graph.
+    int64_t r_max = 0;
+    for (int64_t r : ranks) {
+        r_max = std::max(r_max, r);
+    }
+    const int64_t n_row = k*r_max;
+    std::vector<int64_t> row_of(n_rank); // file row -> internal row
+    for (int64_t i = 0, file_row = 0; i < (int64_t) k; ++i) {
+        for (int64_t q = 0; q < ranks[i]; ++q) {
+            row_of[file_row++] = q*k + i;
+        }
+    }
+    ad->n_rank = (int32_t) n_row;
+
+    // what to read into each device tensor: as it is (gates), rows to internal rank rows (the
+    // A of a group, up to 3 members), columns to internal rank rows (B)
+    enum upload_kind { COPY, A_ROWS, B_COLS };
+    struct upload { upload_kind kind; ggml_tensor * dst; const ggml_tensor * src[3]; };
     std::vector<upload> uploads;
-    std::vector<std::pair<ggml_tensor *, std::vector<float>>> computed; // expand matrices
 
     ad->gate_w.resize(n_layer);
     ad->gate_b.resize(n_layer);
-    ad->expand.resize(n_layer);
-    std::vector<float> expand_data(k*n_rank, 0.0f); // element (i, r) at r*k + i
-    for (int64_t r = 0, i = 0, end = ranks[0]; r < n_rank; ++r) {
-        while (r >= end) {
-            end += ranks[++i];
-        }
-        expand_data[r*k + i] = 1.0f;
-    }
     for (int64_t il = 0; il < n_layer; ++il) {
         const ggml_tensor * anchor = model.get_tensor(format("blk.%lld.attn_norm.weight", (long long) il).c_str());
         if (!anchor) {
@@ -319,10 +332,8 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
         ggml_context * c = ctx_for(anchor);
         ad->gate_w[il] = ggml_dup_tensor(c, gate_w[il]);
         ad->gate_b[il] = ggml_dup_tensor(c, gate_b[il]);
-        ad->expand[il] = ggml_new_tensor_2d(c, GGML_TYPE_F32, k, n_rank);
-        uploads.push_back({ gate_w[il], ad->gate_w[il], 0 });
-        uploads.push_back({ gate_b[il], ad->gate_b[il], 0 });
-        computed.emplace_back(ad->expand[il], expand_data);
+        uploads.push_back({ COPY, ad->gate_w[il], { gate_w[il] } });
+        uploads.push_back({ COPY, ad->gate_b[il], { gate_b[il] } });
     }
 
     for (int64_t il = 0; il < n_layer; ++il) {
@@ -350,17 +361,21 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
             for (const auto & grp : groups) {
                 ggml_context * c = ctx_for(grp[0]->base);
                 const int32_t group_id = (int32_t) ad->groups.size();
-                ggml_tensor * a = ggml_new_tensor_2d(c, grp[0]->a->type, grp[0]->a->ne[0], n_rank*(int64_t) grp.size());
+                ggml_tensor * a = ggml_new_tensor_2d(c, grp[0]->a->type, grp[0]->a->ne[0], n_row*(int64_t) grp.size());
                 ggml_format_name(a, "blk.%lld.flow_a_group%d", (long long) il, group_id);
                 ad->groups.push_back({ a });
+                upload up_a = { A_ROWS, a, {} };
                 for (size_t m = 0; m < grp.size(); ++m) {
                     const lora_pair & p = *grp[m];
-                    ggml_tensor * b = ggml_dup_tensor(ctx_for(p.base), p.b);
+                    // B keeps F32 or F16; a Q8_0 B becomes F16, since its rows are reordered
+                    const ggml_type b_type = p.b->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+                    ggml_tensor * b = ggml_new_tensor_2d(ctx_for(p.base), b_type, n_row, p.b->ne[1]);
                     ggml_set_name(b, p.b->name);
-                    ad->weights[p.base] = { (int32_t) il, group_id, (int64_t) m*n_rank, b };
-                    uploads.push_back({ p.a, a, m*ggml_nbytes(p.a) });
-                    uploads.push_back({ p.b, b, 0 });
+                    ad->weights[p.base] = { (int32_t) il, group_id, (int64_t) m*n_row, b };
+                    up_a.src[m] = p.a;
+                    uploads.push_back({ B_COLS, b, { p.b } });
                 }
+                uploads.push_back(up_a);
             }
         }
     }
@@ -375,22 +390,61 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
         ad->bufs.emplace_back(std::move(buf));
     }
 
-    std::vector<uint8_t> read_buf;
-    for (const auto & up : uploads) {
-        const auto [offs, size] = data_range(up.src);
-        read_buf.resize(size);
+    auto read_tensor = [&](const ggml_tensor * t) {
+        const auto [offs, size] = data_range(t);
+        std::vector<uint8_t> data(size);
         file.seekg((std::streamoff) offs);
-        file.read((char *) read_buf.data(), (std::streamsize) size);
+        file.read((char *) data.data(), (std::streamsize) size);
         if (!file) {
-            throw std::runtime_error(format("%s: failed to read tensor '%s'", path.c_str(), up.src->name));
+            throw std::runtime_error(format("%s: failed to read tensor '%s'", path.c_str(), t->name));
         }
-        if (!ggml_validate_row_data(up.src->type, read_buf.data(), size)) {
-            throw std::runtime_error(format("%s: tensor '%s' holds NaN or infinite values", path.c_str(), up.src->name));
+        if (!ggml_validate_row_data(t->type, data.data(), size)) {
+            throw std::runtime_error(format("%s: tensor '%s' holds NaN or infinite values", path.c_str(), t->name));
         }
-        ggml_backend_tensor_set(up.dst, read_buf.data(), up.dst_offset, size);
-    }
-    for (auto & [t, data] : computed) {
-        ggml_backend_tensor_set(t, data.data(), 0, data.size()*sizeof(float));
+        return data;
+    };
+    std::vector<uint8_t> host;
+    std::vector<float> row_f32, file_row_f32;
+    for (const auto & up : uploads) {
+        host.assign(ggml_nbytes(up.dst), 0); // zero bytes are zeros in F32, F16 and Q8_0
+        if (up.kind == B_COLS) {
+            // B [R, n_out]: per output row, scatter the file's columns to the internal rank rows
+            const ggml_tensor * src = up.src[0];
+            const std::vector<uint8_t> data = read_tensor(src);
+            const size_t file_row_size = ggml_row_size(src->type, n_rank);
+            row_f32.resize(n_row);
+            file_row_f32.resize(n_rank);
+            for (int64_t o = 0; o < src->ne[1]; ++o) {
+                const uint8_t * file_row = data.data() + o*file_row_size;
+                if (src->type == GGML_TYPE_F32) {
+                    memcpy(file_row_f32.data(), file_row, n_rank*sizeof(float));
+                } else {
+                    ggml_get_type_traits(src->type)->to_float(file_row, file_row_f32.data(), n_rank);
+                }
+                std::fill(row_f32.begin(), row_f32.end(), 0.0f);
+                for (int64_t r = 0; r < n_rank; ++r) {
+                    row_f32[row_of[r]] = file_row_f32[r];
+                }
+                uint8_t * dst_row = host.data() + o*up.dst->nb[1];
+                if (up.dst->type == GGML_TYPE_F32) {
+                    memcpy(dst_row, row_f32.data(), n_row*sizeof(float));
+                } else {
+                    ggml_fp32_to_fp16_row(row_f32.data(), (ggml_fp16_t *) dst_row, n_row);
+                }
+            }
+        } else if (up.kind == A_ROWS) {
+            // A of a group: each member's rows, moved to their internal rank rows
+            for (int m = 0; m < 3 && up.src[m]; ++m) {
+                const std::vector<uint8_t> data = read_tensor(up.src[m]);
+                const size_t row_size = up.dst->nb[1];
+                for (int64_t r = 0; r < n_rank; ++r) {
+                    memcpy(host.data() + (m*n_row + row_of[r])*row_size, data.data() + r*row_size, row_size);
+                }
+            }
+        } else {
+            host = read_tensor(up.src[0]);
+        }
+        ggml_backend_tensor_set(up.dst, host.data(), 0, host.size());
     }
 
     LLAMA_LOG_INFO("%s: loaded flow adapter: %d LoRAs, total rank %d, %zu weights in %zu groups\n",
@@ -445,7 +499,7 @@ ggml_tensor * llama_flow_graph::gate(ggml_context * ctx0, llm_graph_result * res
             }
             w = ggml_view_2d(ctx0, static_inp, ad.k, 1, static_inp->nb[1], il*static_inp->nb[1]); // [k, 1]
         }
-        g = ggml_mul_mat(ctx0, ad.expand[il], w);                               // [R, n_tokens]
+        g = w; // [k, n_tokens] or [k, 1]: broadcasts over the interleaved rank rows
     }
     if (g->ne[1] == 1 || g->ne[1] == n_cols) {
         return g;
@@ -492,7 +546,9 @@ ggml_tensor * llama_flow_graph::apply(ggml_context * ctx0, llm_graph_result * re
     return ggml_add(ctx0, y, ggml_mul_mat(ctx0, fw.b, gah_w));
 }
 
-void llama_flow_state::record_ubatch(ggml_backend_sched_t sched, const llm_graph_result * res, bool first, uint32_t n_tokens) {
+void llama_flow_state::record_ubatch(ggml_backend_sched_t sched, const llm_graph_result * res,
+                                     const llama_ubatch & ubatch, uint32_t n_prev, uint32_t n_tokens_all) {
+    const bool first = n_prev == 0;
     if (first) {
         gates.clear();
         n_recorded = 0;
@@ -501,19 +557,30 @@ void llama_flow_state::record_ubatch(ggml_backend_sched_t sched, const llm_graph
         return;
     }
     const size_t n_layer = adapter->gate_w.size();
-    gates.resize(n_layer);
+    const size_t k = adapter->k;
+    if (first) {
+        gates.assign(n_layer, std::vector<float>(n_tokens_all*k, 0.0f));
+        n_recorded = (int32_t) n_tokens_all;
+    }
+    // a batch of several sequences may be split out of order: put each row at its batch index
+    const std::vector<int32_t> * batch_idxs = ubatch.data ? &ubatch.data->batch_idxs : nullptr;
+    const bool in_order = !batch_idxs || batch_idxs->size() != ubatch.n_tokens;
     ggml_backend_sched_synchronize(sched);
+    std::vector<float> rows;
     for (size_t il = 0; il < n_layer; ++il) {
         const ggml_tensor * t = res->t_flow_gate[il];
         if (!t) {
             continue;
         }
-        GGML_ASSERT(t->ne[1] == (int64_t) n_tokens);
-        const size_t old = gates[il].size();
-        gates[il].resize(old + ggml_nelements(t));
-        ggml_backend_tensor_get(t, gates[il].data() + old, 0, ggml_nbytes(t));
+        GGML_ASSERT(t->ne[0] == (int64_t) k && t->ne[1] == (int64_t) ubatch.n_tokens);
+        rows.resize(ggml_nelements(t));
+        ggml_backend_tensor_get(t, rows.data(), 0, ggml_nbytes(t));
+        for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+            const size_t dst = in_order ? n_prev + i : (size_t) (*batch_idxs)[i];
+            GGML_ASSERT(dst < n_tokens_all);
+            std::copy_n(rows.data() + i*k, k, gates[il].data() + dst*k);
+        }
     }
-    n_recorded += n_tokens;
 }
 
 //
