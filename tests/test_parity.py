@@ -70,7 +70,7 @@ def flow_setup(request, arch_setup):
     hf = AutoModelForCausalLM.from_pretrained(str(tm.hf_dir), dtype=torch.float32)
     model = FlowModel(hf, [read_peft_adapter(arch_setup["loras"][n]) for n in names], names)
     model.load_gate(gate)
-    yield dict(llm=llm, model=model, names=names, tokens=arch_setup["tokens"], k=k, n_layer=tm.n_layer)
+    yield dict(llm=llm, model=model, names=names, tokens=arch_setup["tokens"], k=k, n_layer=tm.n_layer, arch=tm.arch)
     llm.close()
 
 
@@ -111,6 +111,8 @@ def test_runtime_matches_torch(flow_setup, mode_index):
     batch = llm.eval_logits(tokens)
     one_by_one = runtime_token_by_token(llm, tokens)
     assert batch.shape == one_by_one.shape == ref.shape
+    print(f"[parity] {flow_setup['arch']} k={flow_setup['k']} {mode} {weights}: batch {rel_err(batch, ref):.1e}, "
+          f"token by token {rel_err(one_by_one, ref):.1e}")
     assert rel_err(batch, ref) < TOL, f"{mode} {weights}: batch differs by {rel_err(batch, ref):.2e}"
     assert rel_err(one_by_one, ref) < TOL, f"{mode} {weights}: token by token differs by {rel_err(one_by_one, ref):.2e}"
 
