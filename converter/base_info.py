@@ -12,10 +12,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gguf import GGUFValueType
-
 from loraflow import schema
 from loraflow.errors import ConversionError, FormatError
+from loraflow.gguf_read import read_header
 
 # Hugging Face model_type -> llama.cpp architecture
 HF_MODEL_TYPES = {
@@ -57,79 +56,13 @@ def _check_arch(arch: str, path: Path, what: str) -> str:
 
 
 # ---- GGUF ----------------------------------------------------------------------------------
-# gguf.GGUFReader parses every vocabulary entry into Python objects (seconds for a 150k vocab);
-# the converter only needs scalars and tensor shapes, so this reads the header and skips arrays.
-
-_SCALAR = {
-    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
-    GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?",
-    GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
-}
-_MAX_KEEP = 1024  # longer arrays (vocabularies) are skipped, shorter ones (per-layer values) kept
-
-
-class _Cursor:
-    def __init__(self, f):
-        self.f = f
-
-    def unpack(self, fmt):
-        size = struct.calcsize("<" + fmt)
-        data = self.f.read(size)
-        if len(data) != size:
-            raise EOFError
-        return struct.unpack("<" + fmt, data)
-
-    def string(self) -> str:
-        (n,) = self.unpack("Q")
-        return self.f.read(n).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int):
-        vtype = GGUFValueType(vtype)
-        if vtype in _SCALAR:
-            return self.unpack(_SCALAR[vtype])[0]
-        if vtype == GGUFValueType.STRING:
-            return self.string()
-        if vtype == GGUFValueType.ARRAY:
-            etype, n = self.unpack("IQ")
-            etype = GGUFValueType(etype)
-            if etype in _SCALAR and n > _MAX_KEEP:  # skip without parsing
-                self.f.seek(n * struct.calcsize("<" + _SCALAR[etype]), 1)
-                return None
-            if etype == GGUFValueType.STRING and n > _MAX_KEEP:
-                for _ in range(n):
-                    (m,) = self.unpack("Q")
-                    self.f.seek(m, 1)
-                return None
-            return [self.value(etype) for _ in range(n)]
-        raise ValueError(f"unknown GGUF value type {vtype}")
-
+# loraflow.gguf_read reads the header without parsing the vocabulary (gguf.GGUFReader takes
+# seconds on a 150k vocab); the converter needs only scalars and tensor shapes.
 
 def read_gguf_header(path) -> tuple[dict, dict[str, tuple[int, ...]]]:
     """(metadata, tensor shapes in ggml order) of a GGUF file; long arrays come back as None."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            c = _Cursor(f)
-            if f.read(4) != b"GGUF":
-                raise FormatError(f"{path}: not a GGUF file (bad magic)")
-            (version,) = c.unpack("I")
-            if version not in (2, 3):
-                raise FormatError(f"{path}: GGUF version {version} is not supported")
-            n_tensors, n_kv = c.unpack("QQ")
-            meta = {}
-            for _ in range(n_kv):
-                key = c.string()
-                (vtype,) = c.unpack("I")
-                meta[key] = c.value(vtype)
-            shapes = {}
-            for _ in range(n_tensors):
-                name = c.string()
-                (n_dims,) = c.unpack("I")
-                shapes[name] = c.unpack("Q" * n_dims)
-                c.unpack("IQ")  # type, offset
-    except (EOFError, ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: truncated or corrupt GGUF header ({e or 'unexpected end of file'})") from None
-    return meta, shapes
+    header = read_header(path)
+    return header.meta, header.shapes
 
 
 def _read_gguf(path: Path) -> BaseInfo:

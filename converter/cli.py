@@ -1,4 +1,6 @@
-"""`loraflow-convert`: PEFT adapters + gate -> LoRA-Flow GGUF (`flow`), Hugging Face model -> GGUF (`base`)."""
+"""`loraflow-convert`: PEFT adapters + gate -> LoRA-Flow GGUF (`flow`), Hugging Face model -> GGUF,
+quantized if asked (`base`), a summary of any of these files (`inspect`), and one adapter of a
+flow file back out as a stock llama.cpp LoRA (`export-lora`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import sys
 
 import click
 
+from loraflow.converter.base import BASE_OUTTYPES
+from loraflow.converter.export_lora import EXPORT_OUTTYPES
 from loraflow.errors import LoraFlowError
 
 
@@ -60,11 +64,41 @@ def flow(base, adapters, gate, output, outtype, temperature, force):
 @main.command()
 @click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(), help="The GGUF to write.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
+@click.option("--outtype", type=click.Choice(BASE_OUTTYPES), default="f16", show_default=True,
+              help="f32/f16/bf16/q8_0 straight from llama.cpp's converter; q4_0, q4_1 and the k-quants "
+                   "through a temporary GGUF in the model's own float type and llama.cpp's quantize API.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def base(hf_dir, output, outtype, force):
-    """Convert a Hugging Face base model to GGUF with llama.cpp's convert_hf_to_gguf.py."""
+@click.option("-q", "--quiet", is_flag=True, help="Do not show the converter's output and progress.")
+def base(hf_dir, output, outtype, force, quiet):
+    """Convert a Hugging Face base model to GGUF with llama.cpp's convert_hf_to_gguf.py (and quantize it)."""
     from loraflow.converter.base import convert_base
 
-    out = convert_base(hf_dir, output, outtype=outtype, force=force)
+    out = convert_base(hf_dir, output, outtype=outtype, force=force, progress=not quiet)
+    click.echo(str(out))
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(file, as_json):
+    """Summarise a LoRA-Flow file, a stock llama.cpp LoRA or a base model GGUF."""
+    import json
+
+    from loraflow.converter.summary import format_summary, inspect_gguf
+
+    data = inspect_gguf(file)
+    click.echo(json.dumps(data, indent=2) if as_json else format_summary(data))
+
+
+@main.command("export-lora")
+@click.argument("flow_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--adapter", required=True, metavar="NAME", help="The adapter to export (a name in the flow file).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The LoRA GGUF to write.")
+@click.option("--outtype", type=click.Choice(list(EXPORT_OUTTYPES)), default="f32", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def export_lora_cmd(flow_file, adapter, output, outtype, force):
+    """Write one adapter of a LoRA-Flow file as a stock llama.cpp LoRA GGUF (llama_cpp.Llama(lora_path=...))."""
+    from loraflow.converter.export_lora import export_lora
+
+    out = export_lora(flow_file, adapter, output, outtype=outtype, force=force)
     click.echo(str(out))

@@ -8,8 +8,6 @@ folder and renamed into place, so a failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -18,6 +16,7 @@ import numpy as np
 from loraflow import schema
 from loraflow.converter.base_info import BaseInfo, read_base_info
 from loraflow.converter.gates import GateCheckpoint, read_gate
+from loraflow.converter.output import atomic_output, check_output
 from loraflow.errors import ConversionError
 from loraflow.peft_io import PeftAdapter, read_peft_adapter
 
@@ -54,14 +53,7 @@ def convert_flow(base, adapters, gate, out, outtype: str = "f32", temperature: f
             raise ConversionError(f"bad adapter name {name!r}: use a non-empty name without spaces around it or '='")
     if len(set(names)) != len(names):
         raise ConversionError(f"adapter names must be unique, got {names}")
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists; pass --force to overwrite it")
-    if out.is_dir():
-        raise ConversionError(f"{out} is a directory")
-    for p in [Path(base), Path(gate)] + [Path(p) for _, p in adapters]:
-        files = list(p.iterdir()) if p.is_dir() else [p]
-        if any(f.exists() and f.resolve() == out.resolve() for f in files):
-            raise ConversionError(f"output {out} would overwrite the input {p}")
+    check_output(out, force, [base, gate] + [p for _, p in adapters])
 
     info = read_base_info(base)
     loras = [read_peft_adapter(path, name) for name, path in adapters]
@@ -77,31 +69,21 @@ def convert_flow(base, adapters, gate, out, outtype: str = "f32", temperature: f
     _check_finite(gate_ckpt, pairs)
     qtype = OUTTYPES[outtype]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    writer = None
-    try:
+    with atomic_output(out, force) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=info.arch)
-        _add_metadata(writer, info, loras, names, temperature)
-        for l in range(info.n_layer):
-            writer.add_tensor(schema.TENSOR_GATE_WEIGHT.format(bid=l), gate_ckpt.weights[l])
-            writer.add_tensor(schema.TENSOR_GATE_BIAS.format(bid=l), gate_ckpt.biases[l])
-        for (l, module), (a, b) in pairs.items():
-            _add_lora_tensor(writer, schema.TENSOR_FLOW_A.format(bid=l, module=module), a, qtype)
-            _add_lora_tensor(writer, schema.TENSOR_FLOW_B.format(bid=l, module=module), b, qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        if out.exists() and not force:  # appeared while we worked
-            raise ConversionError(f"{out} already exists; pass --force to overwrite it")
-        os.replace(tmp, out)
-    except BaseException:
-        if writer is not None:
+        try:
+            _add_metadata(writer, info, loras, names, temperature)
+            for l in range(info.n_layer):
+                writer.add_tensor(schema.TENSOR_GATE_WEIGHT.format(bid=l), gate_ckpt.weights[l])
+                writer.add_tensor(schema.TENSOR_GATE_BIAS.format(bid=l), gate_ckpt.biases[l])
+            for (l, module), (a, b) in pairs.items():
+                _add_lora_tensor(writer, schema.TENSOR_FLOW_A.format(bid=l, module=module), a, qtype)
+                _add_lora_tensor(writer, schema.TENSOR_FLOW_B.format(bid=l, module=module), b, qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
             writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
     logger.info("wrote %s: %s, %d adapters %s, %d LoRA pairs, %s", out, info.arch, len(names), names,
                 len(pairs), outtype)
     return out

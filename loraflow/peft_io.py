@@ -144,17 +144,23 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _collect_lora(tensors: dict[str, np.ndarray], r: int, path: Path):
-    halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
+    # name what is unsupported before complaining about any single unexpected tensor
+    for key in tensors:
         if "lora_magnitude_vector" in key:
             raise ConversionError(f"{path}: tensor {key} is a DoRA magnitude; DoRA is not supported")
-        if "lora_embedding" in key:
+    for key in tensors:
+        if "lora_embedding" in key or "embed_tokens" in key:
             raise ConversionError(f"{path}: tensor {key} is LoRA on the token embeddings; "
                                   "only the projections " + ", ".join(HF_TO_GGUF_MODULE) + " are supported")
+    for key in tensors:
+        if "lm_head" in key:
+            raise ConversionError(f"{path}: tensor {key} is LoRA on lm_head; only the projections "
+                                  + ", ".join(HF_TO_GGUF_MODULE) + " are supported")
+    halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
         m = _KEY_RE.match(key)
         if m is None:
-            what = "LoRA on lm_head" if "lm_head" in key else "a tensor that is not a decoder-layer lora_A/lora_B weight"
-            raise ConversionError(f"{path}: tensor {key} is {what}; only LoRA on "
+            raise ConversionError(f"{path}: tensor {key} is not a decoder-layer lora_A/lora_B weight; only LoRA on "
                                   + ", ".join(HF_TO_GGUF_MODULE) + " is supported")
         module = m["module"]
         if module not in HF_TO_GGUF_MODULE:

@@ -20,18 +20,18 @@ _HF_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn
 
 def base_gguf_shapes(path: str | os.PathLike) -> Tuple[int, int, Dict[Tuple[int, str], Tuple[int, int]]]:
     """(n_layer, n_embd, {(layer, hf_module): (n_out, n_in)}) of a base model GGUF."""
-    import gguf
+    from loraflow.gguf_read import read_header  # the header only: no vocabulary parsing
 
-    reader = gguf.GGUFReader(os.fspath(path))
-    arch = bytes(reader.fields[schema.KEY_GENERAL_ARCH].parts[-1]).decode()
-    n_layer = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
-    n_embd = int(reader.fields[f"{arch}.embedding_length"].parts[-1][0])
+    header = read_header(path)
+    arch = header.meta[schema.KEY_GENERAL_ARCH]
+    n_layer = int(header.meta[f"{arch}.block_count"])
+    n_embd = int(header.meta[f"{arch}.embedding_length"])
     gguf_to_hf = {v: k for k, v in schema.HF_TO_GGUF_MODULE.items()}
     shapes = {}
-    for t in reader.tensors:
-        parts = t.name.split(".")
+    for name, shape in header.shapes.items():
+        parts = name.split(".")
         if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in gguf_to_hf:
-            n_in, n_out = int(t.shape[0]), int(t.shape[1])  # gguf-py lists ggml order
+            n_in, n_out = int(shape[0]), int(shape[1])  # ggml order
             shapes[(int(parts[1]), gguf_to_hf[parts[2]])] = (n_out, n_in)
     return n_layer, n_embd, shapes
 

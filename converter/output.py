@@ -1,0 +1,61 @@
+"""How every converter command writes its output: checked first, written to a temporary file
+in the output folder, renamed into place on success, removed on failure.
+
+An existing output is kept unless `force`; an output that is one of the inputs (or a file
+inside an input folder) is refused even with `force`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from loraflow.errors import ConversionError
+
+
+def check_output(out, force: bool, inputs: Iterable = ()) -> Path:
+    """Refuse an output that exists (without `force`), is a folder, or would overwrite an input."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConversionError(f"{out} is a directory")
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists; pass --force to overwrite it")
+    target = out.resolve()
+    for p in map(Path, inputs):
+        files = list(p.iterdir()) if p.is_dir() else [p]
+        if any(f.exists() and f.resolve() == target for f in files):
+            raise ConversionError(f"output {out} would overwrite the input {p}")
+    return out
+
+
+@contextlib.contextmanager
+def temp_path(folder: Path, name: str, tag: str = "") -> Iterator[Path]:
+    """A fresh temporary file path in `folder`, removed when the block ends (success or not)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=f"{tag}.tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_output(out, force: bool) -> Iterator[Path]:
+    """Yield a temporary path next to `out`; when the block succeeds it becomes `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with temp_path(out.parent, out.name) as tmp:
+        yield tmp
+        if out.exists() and not force:  # appeared while we worked
+            raise ConversionError(f"{out} already exists; pass --force to overwrite it")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it an ordinary file's mode
+        os.replace(tmp, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
