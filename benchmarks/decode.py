@@ -7,7 +7,7 @@ Every configuration runs in its own subprocess (so peak RSS is its own) on the s
 model file: the bare base (stock llama.cpp API), k static LoRAs through stock
 `llama_set_adapters_lora`, the flow adapter in `dynamic` and `static` modes, and the PyTorch
 model of the method (fp32, same LoRAs and gate). Reported: prefill tokens/s (128 and 512
-tokens), decode tokens/s (128 tokens after a 64-token prompt), medians of --reps runs, peak
+tokens), decode tokens/s (128 tokens after a 64-token prompt), medians of --reps rounds (configurations interleaved), peak
 RSS, file sizes; a markdown table of ratios against stock static multi-LoRA, and JSON.
 """
 
@@ -180,16 +180,24 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int) -> di
     return result
 
 
-def measure(config: str, base: Path, inputs: dict, threads: int, reps: int) -> dict:
+def measure_once(config: str, base: Path, inputs: dict, threads: int) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.decode", "--one", config, "--base", str(base), "--inputs",
-           json.dumps(inputs), "--threads", str(threads), "--reps", str(reps)]
-    print(f"  {config} ...", end="", flush=True)
+           json.dumps(inputs), "--threads", str(threads), "--reps", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
         raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f" decode {result['decode']:.1f} tok/s", flush=True)
-    return result
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(configs: list[str], base: Path, inputs: dict, threads: int, reps: int) -> dict:
+    """Medians over `reps` rounds; each round runs every configuration once, in turn, so a
+    change in the machine's load falls on all of them alike."""
+    runs = {c: [] for c in configs}
+    for rep in range(reps):
+        for c in configs:
+            runs[c].append(measure_once(c, base, inputs, threads))
+            print(f"  round {rep + 1}/{reps} {c}: decode {runs[c][-1]['decode']:.1f} tok/s", flush=True)
+    return {c: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for c, rs in runs.items()}
 
 
 # -- reports ----------------------------------------------------------------------------------
@@ -232,8 +240,8 @@ def main() -> int:
         for k in (1, 2, 4, 8):
             inputs = prepare(base, k, args.rank, args.outtype)
             print(f"k = {k}")
-            rows[k] = {c: measure(c, base, inputs, args.threads, args.reps)["decode"]
-                       for c in ("stock_static", "flow_dynamic")}
+            rows[k] = {c: r["decode"] for c, r in
+                       measure(["stock_static", "flow_dynamic"], base, inputs, args.threads, args.reps).items()}
         (out / "scaling.json").write_text(json.dumps(rows, indent=2))
         import matplotlib
 
@@ -258,7 +266,7 @@ def main() -> int:
     sizes = {"base": base.stat().st_size, "flow": Path(inputs["flow"]).stat().st_size,
              "stock": sum(Path(p).stat().st_size for p in inputs["stock"])}
     print(f"{base.name}: k={args.k}, rank {args.rank}, LoRA tensors {args.outtype}, {args.threads} threads")
-    results = {c: measure(c, base, inputs, args.threads, args.reps) for c in args.configs.split(",")}
+    results = measure(args.configs.split(","), base, inputs, args.threads, args.reps)
     report = table(results, "stock_static")
     print("\n" + report)
     print(f"\nfiles: base {sizes['base'] / 2**20:.1f} MiB, flow {sizes['flow'] / 2**20:.2f} MiB, "

@@ -153,8 +153,9 @@ def test_flow_adds_no_error_of_its_own(setup, mode):
 
 
 def test_modes_really_differ(setup):
-    """The LoRAs and the gate are not negligible: each mode changes the logits clearly."""
-    llm, tokens = setup["q4"], setup["natural"][:64]
+    """The LoRAs and the gate are not negligible: each mode changes the logits clearly, and the
+    flow adapter changes more greedy choices than the Q4_1 kernels' own rounding does."""
+    llm, model, tokens = setup["q4"], setup["model"], setup["natural"]
     logits = {}
     for mode in ["dynamic", "average", "off"]:
         llm.set_mode(mode)
@@ -163,8 +164,11 @@ def test_modes_really_differ(setup):
     assert np.abs(logits["dynamic"] - logits["off"]).max() > 0.05 * scale
     assert np.abs(logits["dynamic"] - logits["average"]).max() > 0.01 * scale
     changed = (logits["dynamic"].argmax(-1) != logits["off"].argmax(-1)).mean()
-    print(f"the flow adapter changes {changed:.0%} of the greedy next tokens")
-    assert changed >= 0.05, f"the flow adapter changes only {changed:.0%} of the greedy next tokens"
+    model.set_mode("off")
+    rounding = (torch_logits(model, tokens).argmax(-1) != logits["off"].argmax(-1)).mean()
+    print(f"the flow adapter changes {changed:.1%} of the greedy next tokens, Q4_1 rounding {rounding:.1%}")
+    assert changed > rounding, f"the flow adapter changes {changed:.1%} of the greedy next tokens, " \
+                               f"no more than Q4_1 rounding ({rounding:.1%})"
 
 
 @pytest.mark.parametrize("which", ["q4", "f32"])
