@@ -189,7 +189,8 @@ class FlowModel(nn.Module):
             elif self.mode == "dynamic":
                 w = self.gates[l](x, self.temperature).to(x.dtype)   # [batch, seq, k]
             else:
-                w = self._static[l].to(x.device, x.dtype)          # [k]
+                s = self._static                                   # [n_layer, k], or [k] for every layer
+                w = (s if s.ndim == 1 else s[l]).to(x.device, x.dtype)   # [k]
             self._layer_weights[l].w = w
             self._last[l] = None if w is None else w.detach()
             self._last_shape = tuple(x.shape[:2])
@@ -203,6 +204,17 @@ class FlowModel(nn.Module):
         static = None if resolved.weights is None else torch.from_numpy(resolved.weights.copy())
         self.mode = mode
         self._static = static
+
+    def learn_static(self, per_layer: bool = False) -> nn.Parameter:
+        """Static mode with trainable weights: one weight per adapter ([k], shared by every layer)
+        or per layer ([n_layer, k]), trained by gradient like the gates (the paper's task-level
+        fusion baseline). They start where the gates start (W = 0): softmax(0) + b = 1/k + b."""
+        start = torch.stack([g.bias.detach().float() + 1.0 / self.k for g in self.gates])   # [n_layer, k]
+        weights = nn.Parameter((start if per_layer else start.mean(0)).clone())
+        self.mode = "static"
+        # a plain attribute, not a registered parameter: set_mode puts a plain tensor here again
+        object.__setattr__(self, "_static", weights)
+        return weights
 
     # -- running -------------------------------------------------------------------------------
 

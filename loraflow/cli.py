@@ -41,3 +41,9 @@ from loraflow.cli_runtime import COMMANDS as _RUNTIME_COMMANDS  # noqa: E402
 
 for _command in _RUNTIME_COMMANDS:
     main.add_command(_command)
+
+# train-gate, eval (loraflow/cli_train.py)
+from loraflow.cli_train import COMMANDS as _TRAIN_COMMANDS  # noqa: E402
+
+for _command in _TRAIN_COMMANDS:
+    main.add_command(_command)

@@ -1,0 +1,281 @@
+"""Evaluation: greedy decoding on a jsonl set, answer extraction, accuracy.
+
+Two backends run the same examples:
+    torch     the PyTorch FlowModel (base folder or GGUF dequantized, PEFT LoRAs, gate checkpoint)
+    runtime   FlowLlama: the patched llama.cpp on a base GGUF with a flow GGUF
+The prompt is built the same way in both (the model's chat template when it has one, else the
+raw prompt), decoding is greedy and stops at an end-of-generation token or after max_tokens,
+so with the same weights (an F32 base) both give the same tokens.
+
+Answer extraction rules (`--extract`):
+    last-number       the last number in the text ("1,234.50" -> "1234.5")
+    exact             the whole text, stripped
+    regex:<pattern>   the first match of the pattern: its first group if it has one, else the match
+The reference is the row's "answer" field when present, else its response, passed through the
+same rule (the whole stripped text when the rule finds nothing in it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from loraflow.errors import LoraFlowError
+
+EXTRACT_RULES = ("last-number", "exact", "regex:<pattern>")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+# tokens llama.cpp treats as end of generation besides EOS (its vocab's EOG heuristic); the torch
+# backend stops on them too so both backends stop at the same place
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<end_of_turn>",
+              "<|end|>", "</s>", "<eos>")
+
+
+def make_extractor(rule: str) -> Callable[[str], Optional[str]]:
+    if rule == "last-number":
+        def last_number(text):
+            found = _NUMBER.findall(text)
+            if not found:
+                return None
+            n = found[-1].replace(",", "")
+            if "." in n:
+                n = n.rstrip("0").rstrip(".") or "0"
+            return "0" if n in ("-0", "") else n
+        return last_number
+    if rule == "exact":
+        return lambda text: text.strip()
+    if rule.startswith("regex:"):
+        try:
+            pattern = re.compile(rule[len("regex:"):])
+        except re.error as e:
+            raise LoraFlowError(f"--extract {rule!r}: not a valid regular expression ({e})") from None
+
+        def by_regex(text):
+            m = pattern.search(text)
+            if m is None:
+                return None
+            return (m.group(1) if pattern.groups else m.group(0)).strip()
+        return by_regex
+    raise LoraFlowError(f"--extract {rule!r}: choose one of {', '.join(EXTRACT_RULES)}")
+
+
+def reference_answer(row, extract) -> str:
+    text = row.answer if row.answer is not None else row.response
+    found = extract(text)
+    return text.strip() if found is None else found
+
+
+# -- torch -----------------------------------------------------------------------------------
+
+def stop_token_ids(tokenizer, hf_model) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else (eos or []))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_TOKENS if t in vocab)
+    return sorted(ids)
+
+
+def generate_torch(flow, tokenizer, prompts: list[list[int]], max_tokens: int, progress: bool = False):
+    """Greedy continuations (token ids, stop token excluded) of each prompt, one at a time."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    hf = flow.model
+    device = next(hf.parameters()).device
+    stops = stop_token_ids(tokenizer, hf)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0] if stops else 0
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=stops or None,
+                              pad_token_id=pad)
+    was_training = hf.training
+    hf.eval()
+    outs = []
+    with torch.no_grad():
+        for ids in tqdm(prompts, disable=not progress, unit="ex", desc="generate"):
+            x = torch.tensor([ids], device=device)
+            y = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
+            new = y[0, len(ids):].tolist()
+            for i, t in enumerate(new):
+                if t in stops:
+                    new = new[:i]
+                    break
+            outs.append(new)
+    hf.train(was_training)
+    return outs
+
+
+def count_correct_torch(flow, tokenizer, examples, rule: str, max_tokens: int) -> int:
+    """How many tokenized examples the current FlowModel answers right, greedily (dev checkpoint selection)."""
+    extract = make_extractor(rule)
+    gens = generate_torch(flow, tokenizer, [e.prompt_ids for e in examples], max_tokens)
+    return sum(extract(tokenizer.decode(g, skip_special_tokens=True)) == reference_answer(e.row, extract)
+               for e, g in zip(examples, gens))
+
+
+# -- runtime ---------------------------------------------------------------------------------
+
+def runtime_prompt_tokens(llm, row) -> list[int]:
+    """The prompt as data.encode_prompt builds it, from the GGUF's own tokenizer and chat template."""
+    from loraflow.runtime.interactive import chat_prompt_tokens, has_chat_template
+
+    if has_chat_template(llm):
+        return chat_prompt_tokens(llm, row.messages)
+    if any(m["role"] != "user" for m in row.messages):
+        raise LoraFlowError(f"line {row.line}: system messages and earlier turns need a chat template, "
+                            "and this model has none")
+    return llm.tokenize(row.prompt_text.encode("utf-8"), add_bos=True, special=True)
+
+
+def generate_runtime(llm, prompts: list[list[int]], max_tokens: int, progress: bool = False):
+    """Greedy continuations in the runtime (stop token excluded)."""
+    import llama_cpp
+    from tqdm.auto import tqdm
+
+    vocab = llm._model.vocab
+    outs = []
+    for ids in tqdm(prompts, disable=not progress, unit="ex", desc="generate"):
+        if len(ids) + max_tokens > llm.n_ctx():
+            raise LoraFlowError(f"a prompt of {len(ids)} tokens + {max_tokens} new ones does not fit the "
+                                f"context of {llm.n_ctx()}")
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        new = []
+        if max_tokens > 0:
+            for t in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+                if llama_cpp.llama_vocab_is_eog(vocab, t):
+                    break
+                new.append(int(t))
+                if len(new) >= max_tokens:
+                    break
+        outs.append(new)
+    return outs
+
+
+# -- the whole evaluation ----------------------------------------------------------------------
+
+def score(rows, prompts, gens, texts, rule: str) -> list[dict]:
+    extract = make_extractor(rule)
+    results = []
+    for row, p, g, text in zip(rows, prompts, gens, texts):
+        ref = reference_answer(row, extract)
+        got = extract(text)
+        results.append({"line": row.line, "prompt": row.prompt_text, "reference": ref, "prediction": text,
+                        "extracted": got, "correct": got is not None and got == ref,
+                        "prompt_tokens": len(p), "tokens": g})
+    return results
+
+
+def format_table(results: list[dict], show: int = 20, width: int = 40) -> str:
+    def cut(s, n):
+        s = "" if s is None else str(s).replace("\n", "\\n")
+        return s if len(s) <= n else s[: n - 1] + "…"
+
+    lines = [f"{'line':>6}  {'ok':3}  {'reference':<16}  {'extracted':<16}  prediction"]
+    for r in results[:show]:
+        lines.append(f"{r['line']:>6}  {'yes' if r['correct'] else 'no':3}  {cut(r['reference'], 16):<16}  "
+                     f"{cut(r['extracted'], 16):<16}  {cut(r['prediction'], width)}")
+    if len(results) > show:
+        lines.append(f"   ... {len(results) - show} more in the JSON file")
+    n = len(results)
+    c = sum(r["correct"] for r in results)
+    lines.append(f"accuracy: {c}/{n} = {c / n:.4f}")
+    return "\n".join(lines)
+
+
+def load_static_weights(value):
+    """--static-weights: a static.json written by train-gate, or numbers 'w1,...,wk' (rows split by ';')."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        try:
+            obj = json.loads(path.read_text())
+            return obj["weights"] if isinstance(obj, dict) else obj
+        except (json.JSONDecodeError, KeyError):
+            raise LoraFlowError(f"{path}: expected a static.json from train-gate ({{\"weights\": [...]}})") from None
+    from loraflow.runtime.interactive import parse_weights
+
+    return parse_weights(value)
+
+
+def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, output=None,
+             static_weights=None, base=None, adapters=(), gate=None, dtype: str = "fp32", device: str = "auto",
+             model_gguf=None, flow_gguf=None, threads=None, n_gpu_layers: int = 0, show: int = 20,
+             progress: bool = True, log=print) -> dict:
+    from loraflow.gate_training.data import file_sha256, read_rows
+
+    make_extractor(extract)                      # a bad rule fails before any model loads
+    if max_tokens < 1:
+        raise LoraFlowError("max-tokens must be at least 1")
+    rows = read_rows(data)
+    weights = load_static_weights(static_weights)
+    t0 = time.time()
+    if backend == "torch":
+        from loraflow.gate_training import load
+        from loraflow.gate_training.data import encode_prompt
+
+        if base is None or not adapters:
+            raise LoraFlowError("--backend torch needs --base and --adapter NAME=PEFT_DIR ...")
+        if model_gguf or flow_gguf:
+            raise LoraFlowError("-m/-f are for --backend runtime; the torch backend takes --base/--adapter/--gate")
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        tokenizer = load.load_tokenizer(base)
+        prompts = [encode_prompt(tokenizer, r, f"{data}:{r.line}") for r in rows]
+        flow = load.load_flow_model(base, adapters, dtype, load.pick_device(device))
+        if mode == "dynamic":
+            if gate is None:
+                raise LoraFlowError("mode dynamic needs the gate: --gate OUT_DIR/gate.safetensors")
+            flow.load_gate(gate)
+        flow.set_mode(mode, weights)
+        gens = generate_torch(flow, tokenizer, prompts, max_tokens, progress)
+        texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+    elif backend == "runtime":
+        from loraflow.cli_runtime import open_llm
+
+        if flow_gguf is None:
+            raise LoraFlowError("--backend runtime needs the flow file: -f FLOW.gguf (and -m BASE.gguf)")
+        if base or adapters or gate:
+            raise LoraFlowError("--base/--adapter/--gate are for --backend torch; the runtime takes -m/-f")
+        import numpy as np
+
+        llm = open_llm(model_gguf, flow_gguf, "off", None, threads, n_gpu_layers, 512, False)
+        try:
+            prompts = [runtime_prompt_tokens(llm, r) for r in rows]
+            n_ctx = max(len(p) for p in prompts) + max_tokens
+            llm.close()
+            llm = open_llm(model_gguf, flow_gguf, "off", None, threads, n_gpu_layers, n_ctx, False)
+            llm.set_mode(mode, None if weights is None else np.asarray(weights, dtype=np.float32))
+            gens = generate_runtime(llm, prompts, max_tokens, progress)
+            texts = [llm.detokenize(g).decode("utf-8", errors="replace") for g in gens]
+        finally:
+            llm.close()
+    else:
+        raise LoraFlowError(f"backend {backend!r}: choose torch or runtime")
+    seconds = time.time() - t0
+    results = score(rows, prompts, gens, texts, extract)
+    correct = sum(r["correct"] for r in results)
+    report = {
+        "backend": backend, "mode": mode, "static_weights": weights, "extract": extract, "max_tokens": max_tokens,
+        "data": {"path": str(data), "sha256": file_sha256(data)},
+        "model": {"base": str(base), "adapters": [{"name": n, "path": str(p)} for n, p in adapters],
+                  "gate": None if gate is None else str(gate)} if backend == "torch"
+        else {"model": str(model_gguf) if model_gguf else "default", "flow": str(flow_gguf)},
+        "examples": len(results), "correct": correct, "accuracy": correct / len(results),
+        "seconds": round(seconds, 3), "results": results,
+    }
+    log(format_table(results, show))
+    if output is not None:
+        out = Path(output)
+        if out.parent and not out.parent.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        log(f"wrote {out}")
+    return report

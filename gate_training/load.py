@@ -1,0 +1,103 @@
+"""Loading what training and evaluation start from: the base model (a Hugging Face folder or a
+GGUF file, which transformers dequantizes), its tokenizer, and the FlowModel over k PEFT LoRAs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraflow.errors import LoraFlowError
+
+DTYPES = ("fp32", "bf16")
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise LoraFlowError(f"device {device!r}: choose cpu, cuda or auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LoraFlowError("device cuda: no CUDA device (or torch was built without CUDA)")
+    return device
+
+
+def torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise LoraFlowError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
+
+def model_source(base) -> tuple[str, dict]:
+    """(folder, from_pretrained kwargs) for a HF folder or a GGUF file."""
+    path = Path(base)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraFlowError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return str(path), {}
+    raise LoraFlowError(f"{base}: no such base model (expected a Hugging Face folder or a .gguf file)")
+
+
+def load_tokenizer(base):
+    from transformers import AutoTokenizer
+
+    folder, kw = model_source(base)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **kw)
+    except (OSError, ValueError) as e:
+        raise LoraFlowError(f"{base}: cannot load its tokenizer ({e})") from None
+    return tok
+
+
+def load_model(base, dtype: str = "fp32", device: str = "cpu"):
+    """The causal LM, frozen, in eval mode, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    folder, kw = model_source(base)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), **kw)
+    except (OSError, ValueError) as e:
+        raise LoraFlowError(f"{base}: cannot load the model ({e})") from None
+    return model.to(device).eval()
+
+
+def load_flow_model(base, adapters, dtype: str = "fp32", device: str = "cpu", temperature: float = 1.0,
+                    init_adapter: str | None = None):
+    """FlowModel over the base and `adapters` [(name, peft_dir), ...] (slot order). The gates are
+    kept in float32 whatever the model's dtype (bf16 cannot hold a small update to a bias of 0.5)."""
+    import torch
+
+    from loraflow.gate_training.model import FlowModel
+    from loraflow.peft_io import read_peft_adapter
+
+    if not adapters:
+        raise LoraFlowError("no adapters given (--adapter NAME=PEFT_DIR, one per LoRA)")
+    names = [n for n, _ in adapters]
+    init = None
+    if init_adapter is not None:
+        if init_adapter not in names:
+            raise LoraFlowError(f"--init-adapter {init_adapter!r} is not one of the adapters ({', '.join(names)})")
+        init = names.index(init_adapter)
+    peft = [read_peft_adapter(p, n) for n, p in adapters]
+    hf = load_model(base, dtype, device)
+    flow = FlowModel(hf, peft, names, temperature=temperature, init_adapter=init)
+    flow.gates.to(device=device, dtype=torch.float32)
+    return flow
+
+
+def parse_adapters(values) -> list[tuple[str, str]]:
+    """["NAME=PEFT_DIR", ...] -> [(name, dir), ...]."""
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise LoraFlowError(f"--adapter {value!r}: expected NAME=PEFT_DIR")
+        pairs.append((name, path))
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise LoraFlowError(f"adapter names must be unique, got {names}")
+    return pairs
