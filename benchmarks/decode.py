@@ -217,7 +217,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"])
+    ap.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"],
+                    help="LoRA tensor type, the same for the flow file and the stock LoRAs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--configs", default="base,stock_static,flow_dynamic,flow_static,torch")

@@ -51,7 +51,7 @@ struct llama_flow_adapter {
     explicit llama_flow_adapter(const llama_model & model) : model(model) {}
 
     // upper bound of graph nodes the flow adds, for llama_context::graph_max_nodes
-    uint32_t n_nodes() const { return 4u*weights.size() + 2u*groups.size() + 8u*gate_w.size() + 16u; }
+    uint32_t n_nodes() const { return 5u*weights.size() + 2u*groups.size() + 8u*gate_w.size() + 16u; }
 };
 
 // What a context has set; lives in llama_context.

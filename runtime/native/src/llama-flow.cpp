@@ -542,6 +542,10 @@ ggml_tensor * llama_flow_graph::apply(ggml_context * ctx0, llm_graph_result * re
     }
     ggml_tensor * gah_w = gah->ne[0] == ad.n_rank ? gah :
         ggml_view_2d(ctx0, gah, ad.n_rank, gah->ne[1], gah->nb[1], fw.row0*gah->nb[0]);
+    if (!ggml_is_contiguous(gah_w)) {
+        // several tokens: the backends' fast matmul paths (e.g. the CPU's sgemm) want a contiguous input
+        gah_w = ggml_cont(ctx0, gah_w);
+    }
 
     return ggml_add(ctx0, y, ggml_mul_mat(ctx0, fw.b, gah_w));
 }
