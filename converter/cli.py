@@ -5,22 +5,12 @@ flow file back out as a stock llama.cpp LoRA (`export-lora`)."""
 from __future__ import annotations
 
 import logging
-import sys
 
 import click
 
 from loraflow.converter.base import BASE_OUTTYPES
 from loraflow.converter.export_lora import EXPORT_OUTTYPES
-from loraflow.errors import LoraFlowError
-
-
-class _Group(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LoraFlowError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+from loraflow.click_group import ErrorExitGroup
 
 
 def _parse_adapter(ctx, param, values):
@@ -33,7 +23,7 @@ def _parse_adapter(ctx, param, values):
     return pairs
 
 
-@click.group(cls=_Group)
+@click.group(cls=ErrorExitGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Show the converter's progress messages.")
 def main(verbose):
     """Convert adapters and base models to GGUF for the LoRA-Flow runtime."""

@@ -90,6 +90,13 @@ def read_our_gate(path) -> GateCheckpoint:
 
 def read_paper_gate(path) -> GateCheckpoint:
     path = Path(path)
+    weights, biases = _collect(load_paper_tensors(path), schema.PAPER_GATE_WEIGHT, schema.PAPER_GATE_BIAS, path)
+    return GateCheckpoint(weights, biases, None, None, str(path))
+
+
+def load_paper_tensors(path) -> dict:
+    """The gate tensors of the paper's torch file, float32 numpy, keyed from `encoder.` on."""
+    path = Path(path)
     try:
         import torch
     except ImportError:
@@ -105,10 +112,8 @@ def read_paper_gate(path) -> GateCheckpoint:
         raise FormatError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
     # keys may carry a prefix (e.g. `base_model.model.`): index them from `encoder.` on
     probe = schema.PAPER_GATE_WEIGHT.split(".", 1)[0] + "."
-    tensors = {key[key.index(probe):]: v.detach().float().numpy() for key, v in sd.items()
-               if isinstance(key, str) and probe in key and torch.is_tensor(v)}
-    weights, biases = _collect(tensors, schema.PAPER_GATE_WEIGHT, schema.PAPER_GATE_BIAS, path)
-    return GateCheckpoint(weights, biases, None, None, str(path))
+    return {key[key.index(probe):]: v.detach().float().numpy() for key, v in sd.items()
+            if isinstance(key, str) and probe in key and torch.is_tensor(v)}
 
 
 def _collect(tensors: dict, weight_fmt: str, bias_fmt: str, path: Path):

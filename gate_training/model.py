@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraflow import schema
+from loraflow.converter.gates import load_paper_tensors
 from loraflow.errors import FormatError, LoraFlowError
 from loraflow.modes import resolve_mode
 from loraflow.peft_io import PeftAdapter
@@ -279,19 +280,7 @@ class FlowModel(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FormatError(f"{path}: paper gate file not found")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle/zip errors come in many types
-            raise FormatError(f"{path}: cannot read it as a torch state dict ({e})") from None
-        for wrapper in ("state_dict", "model", "module"):    # tolerate a wrapped state dict
-            if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-                sd = sd[wrapper]
-        if not isinstance(sd, dict):
-            raise FormatError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
-        # Keys may carry a prefix (e.g. `base_model.model.`); index them by the schema's suffix.
-        probe = schema.PAPER_GATE_WEIGHT.format(i=0).split(".", 1)[0] + "."
-        tensors = {key[key.index(probe):]: v for key, v in sd.items()
-                   if isinstance(key, str) and probe in key and torch.is_tensor(v)}
+        tensors = {key: torch.from_numpy(v) for key, v in load_paper_tensors(path).items()}
         self._set_gates(self._check_gates(tensors, schema.PAPER_GATE_WEIGHT, schema.PAPER_GATE_BIAS, path))
 
     def _check_gates(self, tensors: dict, weight_fmt: str, bias_fmt: str, source) -> list:

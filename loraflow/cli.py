@@ -3,23 +3,12 @@ message and exit code 1, never a traceback."""
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from loraflow.errors import LoraFlowError
+from loraflow.click_group import ErrorExitGroup
 
 
-class _Group(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LoraFlowError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-
-
-@click.group(cls=_Group)
+@click.group(cls=ErrorExitGroup)
 @click.version_option(package_name="loraflow")
 def main():
     """LoRA-Flow: fuse several LoRAs with per-token, per-layer gates, on a quantized model."""
