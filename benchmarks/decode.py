@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -86,53 +85,49 @@ def tokens_for(n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(100, 40000, n).tolist()
 
 
-def time_llama(llm, reps: int) -> dict:
-    """Prefill and decode timings on a llama_cpp.Llama (or FlowLlama)."""
-    out = {}
-    for n in PREFILL:
-        toks, times = tokens_for(n), []
-        for _ in range(reps + 1):  # the first run warms up
-            llm.reset()
-            llm._ctx.kv_cache_clear()
-            t = time.perf_counter()
-            llm.eval(toks)
-            times.append(time.perf_counter() - t)
-        out[f"prefill{n}"] = n / statistics.median(times[1:])
+def median_seconds(body, reps: int, setup=lambda: None) -> float:
+    """Median time of `body()` over `reps` runs after one warm-up, `setup()` untimed before each."""
     times = []
     for _ in range(reps + 1):
+        state = setup()
+        t = time.perf_counter()
+        body(state)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def time_llama(llm, reps: int) -> dict:
+    """Prefill and decode timings on a llama_cpp.Llama (or FlowLlama)."""
+    def fresh(prompt=()):
         llm.reset()
         llm._ctx.kv_cache_clear()
-        llm.eval(tokens_for(DECODE_PROMPT))
-        toks = tokens_for(DECODE_TOKENS, seed=1)
-        t = time.perf_counter()
-        for tok in toks:
+        if prompt:
+            llm.eval(list(prompt))
+
+    def decode(_):
+        for tok in tokens_for(DECODE_TOKENS, seed=1):
             llm.eval([tok])
-        times.append(time.perf_counter() - t)
-    out["decode"] = DECODE_TOKENS / statistics.median(times[1:])
+
+    out = {f"prefill{n}": n / median_seconds(lambda _, toks=tokens_for(n): llm.eval(toks), reps, fresh)
+           for n in PREFILL}
+    out["decode"] = DECODE_TOKENS / median_seconds(decode, reps, lambda: fresh(tokens_for(DECODE_PROMPT)))
     return out
 
 
 def time_torch(model, reps: int) -> dict:
     import torch
 
-    out = {}
+    def prompt_cache():
+        return model.model(torch.tensor([tokens_for(DECODE_PROMPT)]), use_cache=True).past_key_values
+
+    def decode(past):
+        for tok in tokens_for(DECODE_TOKENS, seed=1):
+            past = model.model(torch.tensor([[tok]]), past_key_values=past, use_cache=True).past_key_values
+
     with torch.no_grad():
-        for n in PREFILL:
-            ids, times = torch.tensor([tokens_for(n)]), []
-            for _ in range(reps + 1):
-                t = time.perf_counter()
-                model.forward(ids)
-                times.append(time.perf_counter() - t)
-            out[f"prefill{n}"] = n / statistics.median(times[1:])
-        times = []
-        for _ in range(reps + 1):
-            past = model.model(torch.tensor([tokens_for(DECODE_PROMPT)]), use_cache=True).past_key_values
-            toks = tokens_for(DECODE_TOKENS, seed=1)
-            t = time.perf_counter()
-            for tok in toks:
-                past = model.model(torch.tensor([[tok]]), past_key_values=past, use_cache=True).past_key_values
-            times.append(time.perf_counter() - t)
-        out["decode"] = DECODE_TOKENS / statistics.median(times[1:])
+        out = {f"prefill{n}": n / median_seconds(lambda _, ids=torch.tensor([tokens_for(n)]): model.forward(ids), reps)
+               for n in PREFILL}
+        out["decode"] = DECODE_TOKENS / median_seconds(decode, reps, prompt_cache)
     return out
 
 
@@ -268,7 +263,8 @@ def main() -> int:
              "stock": sum(Path(p).stat().st_size for p in inputs["stock"])}
     print(f"{base.name}: k={args.k}, rank {args.rank}, LoRA tensors {args.outtype}, {args.threads} threads")
     results = measure(args.configs.split(","), base, inputs, args.threads, args.reps)
-    report = table(results, "stock_static")
+    # ratios against stock static multi-LoRA, or the first configuration when it was left out
+    report = table(results, "stock_static" if "stock_static" in results else next(iter(results)))
     print("\n" + report)
     print(f"\nfiles: base {sizes['base'] / 2**20:.1f} MiB, flow {sizes['flow'] / 2**20:.2f} MiB, "
           f"stock LoRAs {sizes['stock'] / 2**20:.2f} MiB")
