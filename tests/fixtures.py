@@ -142,6 +142,14 @@ def make_tiny_lora(model_dir, out_dir, r: int = 8, alpha: float = 16, targets=AL
     return Path(out_dir)
 
 
+def make_tiny_loras(model_dir, out_root, spec: dict) -> dict:
+    """Several PEFT LoRAs, {name: (r, alpha, targets, use_rslora, layers)} -> {name: out_root/name},
+    seeded 1, 2, ... in the spec's order."""
+    return {name: make_tiny_lora(model_dir, Path(out_root) / name, r=r, alpha=alpha, targets=targets, seed=seed,
+                                 use_rslora=rslora, layers=layers)
+            for seed, (name, (r, alpha, targets, rslora, layers)) in enumerate(spec.items(), start=1)}
+
+
 def make_random_gate(n_layer: int, k: int, n_embd: int, out_dir, names, seed: int = 0,
                      temperature: float = 1.0, w_std: float = 1.0) -> Path:
     """Write our gate checkpoint (out_dir/gate.safetensors) with random W ~ N(0, w_std^2) and

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fixtures import make_random_gate, make_tiny_lora
+from fixtures import make_random_gate, make_tiny_loras
 from loraflow.converter.cli import main as cli
 from loraflow.converter.flow import convert_flow
 from loraflow.gguf_read import read_header
@@ -43,10 +43,7 @@ RUNTIME = dict(n_ctx=64, n_batch=N_TOKENS, n_ubatch=N_TOKENS, n_threads=2, logit
 def setup(request, tiny_models, tmp_path_factory):
     tm = tiny_models.get(request.param)
     work = tmp_path_factory.mktemp(f"export-{tm.arch}")
-    peft = {}
-    for seed, (name, (r, alpha, targets, rslora, layers)) in enumerate(LORAS.items()):
-        peft[name] = make_tiny_lora(tm.hf_dir, work / name, r=r, alpha=alpha, targets=targets, seed=seed + 1,
-                                    use_rslora=rslora, layers=layers)
+    peft = make_tiny_loras(tm.hf_dir, work, LORAS)
     gate = make_random_gate(tm.n_layer, 3, tm.n_embd, work / "gate", NAMES, seed=4, w_std=0.2)
     flows = {t: convert_flow(tm.gguf, [(n, peft[n]) for n in NAMES], gate, work / f"flow-{t}.gguf", outtype=t)
              for t in ("f32", "f16", "q8_0")}

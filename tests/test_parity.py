@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fixtures import TINY_ARCHS, make_random_gate, make_tiny_lora  # noqa: E402
+from fixtures import TINY_ARCHS, make_random_gate, make_tiny_loras  # noqa: E402
 
 from loraflow.converter.flow import convert_flow  # noqa: E402
 from loraflow.llama_source import llama_cpp_source_dir  # noqa: E402
@@ -39,10 +39,7 @@ def arch_setup(request, tiny_models, tmp_path_factory):
     """Per arch: the base, the three PEFT LoRAs, their stock llama.cpp conversions, and the tokens."""
     tm = tiny_models.get(request.param)
     work = tmp_path_factory.mktemp(f"parity-{tm.arch}")
-    loras = {}
-    for seed, (name, (r, alpha, targets, rslora, layers)) in enumerate(LORAS.items()):
-        loras[name] = make_tiny_lora(tm.hf_dir, work / name, r=r, alpha=alpha, targets=targets, seed=seed + 1,
-                                     use_rslora=rslora, layers=layers)
+    loras = make_tiny_loras(tm.hf_dir, work, LORAS)
     rng = np.random.default_rng(0)
     import transformers
 
