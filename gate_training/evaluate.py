@@ -80,8 +80,11 @@ def stop_token_ids(tokenizer, hf_model) -> list[int]:
     return sorted(ids)
 
 
-def generate_torch(flow, tokenizer, prompts: list[list[int]], max_tokens: int, progress: bool = False):
-    """Greedy continuations (token ids, stop token excluded) of each prompt, one at a time."""
+def generate_torch(flow, tokenizer, prompts: list[list[int]], max_tokens: int, progress: bool = False,
+                   batch_size: int = 1):
+    """Greedy continuations (token ids, stop token excluded) of each prompt, `batch_size` prompts at
+    a time (left-padded; prompts of similar length go together, the order of the result is the
+    order of `prompts`)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -94,17 +97,25 @@ def generate_torch(flow, tokenizer, prompts: list[list[int]], max_tokens: int, p
                               pad_token_id=pad)
     was_training = hf.training
     hf.eval()
-    outs = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outs: list = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), disable=not progress, unit="ex", desc="generate")
     with torch.no_grad():
-        for ids in tqdm(prompts, disable=not progress, unit="ex", desc="generate"):
-            x = torch.tensor([ids], device=device)
-            y = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
-            new = y[0, len(ids):].tolist()
-            for i, t in enumerate(new):
-                if t in stops:
-                    new = new[:i]
-                    break
-            outs.append(new)
+        for start in range(0, len(order), max(1, batch_size)):
+            group = order[start:start + max(1, batch_size)]
+            width = max(len(prompts[i]) for i in group)
+            x = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for row, i in enumerate(group):
+                x[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            y = hf.generate(input_ids=x.to(device), attention_mask=mask.to(device), generation_config=config)
+            for row, i in enumerate(group):
+                new = y[row, width:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in stops), len(new))
+                outs[i] = new[:cut]
+            bar.update(len(group))
+    bar.close()
     hf.train(was_training)
     return outs
 
@@ -206,7 +217,7 @@ def load_static_weights(value):
 def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, output=None,
              static_weights=None, base=None, adapters=(), gate=None, dtype: str = "fp32", device: str = "auto",
              model_gguf=None, flow_gguf=None, threads=None, n_gpu_layers: int = 0, show: int = 20,
-             progress: bool = True, log=print) -> dict:
+             progress: bool = True, log=print, batch_size: int = 1) -> dict:
     from loraflow.gate_training.data import file_sha256, read_rows
 
     make_extractor(extract)                      # a bad rule fails before any model loads
@@ -235,7 +246,7 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
                 raise LoraFlowError("mode dynamic needs the gate: --gate OUT_DIR/gate.safetensors")
             flow.load_gate(gate)
         flow.set_mode(mode, weights)
-        gens = generate_torch(flow, tokenizer, prompts, max_tokens, progress)
+        gens = generate_torch(flow, tokenizer, prompts, max_tokens, progress, batch_size)
         texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
     elif backend == "runtime":
         from loraflow.cli_runtime import open_llm

@@ -89,6 +89,40 @@ def load_flow_model(base, adapters, dtype: str = "fp32", device: str = "cpu", te
     return flow
 
 
+def dequantized_folder(gguf) -> Path:
+    """A GGUF model saved as an ordinary Hugging Face folder (float32 safetensors + tokenizer), the
+    weights dequantized by transformers; cached in $LORAFLOW_CACHE/hf, keyed by the file and the
+    transformers version (PEFT training and `loraflow-convert base` need a folder, not a GGUF)."""
+    import shutil
+    import tempfile
+
+    import torch
+    import transformers
+
+    from loraflow.models import cache_dir
+
+    src = Path(gguf)
+    stat = src.stat()
+    key = f"{src.stem}-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
+    root = cache_dir("hf")
+    out = root / key
+    if (out / "model.safetensors").is_file():
+        return out
+    loaded = load_model(src)
+    # a model loaded from a GGUF carries a quantization_config and cannot be saved: copy its weights
+    # into a fresh model built from the same config without it
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    fresh = type(loaded)(type(loaded.config).from_dict(config)).to(torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+    fresh.save_pretrained(str(tmp))
+    load_tokenizer(src).save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def parse_adapters(values) -> list[tuple[str, str]]:
     """["NAME=PEFT_DIR", ...] -> [(name, dir), ...]."""
     pairs = []

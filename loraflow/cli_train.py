@@ -118,19 +118,22 @@ def train_gate_cmd(base, adapters, data, dev, out_dir, fusion, per_layer, epochs
               help="runtime: the flow GGUF (loraflow-convert flow)")
 @click.option("--threads", "-t", type=int, default=None, help="CPU threads (torch or llama.cpp)")
 @click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True, help="runtime")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="torch: prompts decoded together (left-padded; faster on CPU, may flip near-tie tokens)")
 @click.option("--extract", default="last-number", show_default=True, help=EXTRACT_HELP)
 @click.option("--max-tokens", "-n", type=int, default=64, show_default=True, help="most tokens generated per example")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="results JSON file")
 @click.option("--show", type=int, default=20, show_default=True, help="rows of the results table to print")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def eval_cmd(data, backend, mode, static_weights, base, adapters, gate, dtype, device, model_gguf, flow_gguf, threads,
-             n_gpu_layers, extract, max_tokens, output, show, quiet):
+             n_gpu_layers, batch_size, extract, max_tokens, output, show, quiet):
     """Greedy-decode every example of DATA under one fusion mode, extract the answers, report accuracy."""
     from loraflow.gate_training.evaluate import run_eval
 
     run_eval(data, backend, mode, extract, max_tokens, output=output, static_weights=static_weights, base=base,
              adapters=adapters, gate=gate, dtype=dtype, device=device, model_gguf=model_gguf, flow_gguf=flow_gguf,
-             threads=threads, n_gpu_layers=n_gpu_layers, show=show, progress=not quiet, log=click.echo)
+             threads=threads, n_gpu_layers=n_gpu_layers, show=show, progress=not quiet, log=click.echo,
+             batch_size=batch_size)
 
 
 COMMANDS = (train_gate_cmd, eval_cmd)

