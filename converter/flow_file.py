@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFValueType as VT
 
 from loraflow import schema
 from loraflow.errors import FormatError
@@ -20,6 +21,8 @@ from loraflow.gguf_read import GGUFHeader, TensorInfo, read_header
 
 _PAIR_RE = re.compile(r"^blk\.(\d+)\.(" + "|".join(schema.GGUF_MODULES) + r")\.(flow_a|flow_b)$")
 _GATE_RE = re.compile(r"^blk\.(\d+)\.flow_gate\.(weight|bias)$")
+_READS_RESIDUAL = ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")
+_WRITES_RESIDUAL = ("attn_output", "ffn_down")
 
 
 @dataclass
@@ -108,13 +111,15 @@ def read_flow_file(path, header: GGUFHeader | None = None) -> FlowFile:
     path = h.path
     meta = h.meta
 
-    def need(key, kind, what):
+    def need(key, vtype, what, sub=None):
+        """The value of `key`, which must have the GGUF type FORMAT.md gives it."""
         if key not in meta:
             raise FormatError(f"{path}: missing key {key}")
-        value = meta[key]
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise FormatError(f"{path}: {key} should be {what}, got {value!r}")
-        return value
+        want = (vtype,) if sub is None else (vtype, sub)
+        if h.types[key] != want:
+            got = "/".join(t.name.lower() for t in h.types[key])
+            raise FormatError(f"{path}: {key} should be {what}, got {got} {meta[key]!r}")
+        return meta[key]
 
     gtype = meta.get(schema.KEY_GENERAL_TYPE)
     atype = meta.get(schema.KEY_ADAPTER_TYPE)
@@ -124,35 +129,36 @@ def read_flow_file(path, header: GGUFHeader | None = None) -> FlowFile:
                 f"general.type={gtype!r}, adapter.type={atype!r}")
         raise FormatError(f"{path}: not a LoRA-Flow file (expected general.type='adapter' and "
                           f"adapter.type='{schema.ADAPTER_TYPE}'): {kind}")
-    version = need(schema.KEY_VERSION, int, "an integer")
+    version = need(schema.KEY_VERSION, VT.UINT32, "a uint32")
     if version != schema.FORMAT_VERSION:
         raise FormatError(f"{path}: {schema.KEY_VERSION} is {version}; this loraflow reads version "
                           f"{schema.FORMAT_VERSION}")
-    arch = need(schema.KEY_GENERAL_ARCH, str, "a string")
+    arch = need(schema.KEY_GENERAL_ARCH, VT.STRING, "a string")
     if arch not in schema.SUPPORTED_ARCHS:
         raise FormatError(f"{path}: architecture {arch!r} is not supported; LoRA-Flow supports "
                           + ", ".join(schema.SUPPORTED_ARCHS))
-    n_layer = need(schema.KEY_N_LAYER, int, "an integer")
-    n_embd = need(schema.KEY_N_EMBD, int, "an integer")
-    k = need(schema.KEY_ADAPTER_COUNT, int, "an integer")
+    n_layer = need(schema.KEY_N_LAYER, VT.UINT32, "a uint32")
+    n_embd = need(schema.KEY_N_EMBD, VT.UINT32, "a uint32")
+    k = need(schema.KEY_ADAPTER_COUNT, VT.UINT32, "a uint32")
     if k < 1:
         raise FormatError(f"{path}: {schema.KEY_ADAPTER_COUNT} is {k}, must be >= 1")
     arrays = {}
-    for key, kind in ((schema.KEY_ADAPTER_NAMES, str), (schema.KEY_ADAPTER_RANKS, int),
-                      (schema.KEY_ADAPTER_ALPHAS, float), (schema.KEY_ADAPTER_SCALES, float)):
-        value = need(key, list, f"an array of {k}")
-        if len(value) != k or not all(isinstance(x, kind) for x in value):
-            raise FormatError(f"{path}: {key} should be {k} {kind.__name__} values, got {value!r}")
+    for key, sub in ((schema.KEY_ADAPTER_NAMES, VT.STRING), (schema.KEY_ADAPTER_RANKS, VT.UINT32),
+                     (schema.KEY_ADAPTER_ALPHAS, VT.FLOAT32), (schema.KEY_ADAPTER_SCALES, VT.FLOAT32)):
+        value = need(key, VT.ARRAY, f"an array of {k} {sub.name.lower()}", sub)
+        if value is None or len(value) != k:
+            raise FormatError(f"{path}: {key} should be {k} {sub.name.lower()} values, got "
+                              f"{h.array_lengths.get(key)}: {value!r}")
         arrays[key] = value
     names, ranks = arrays[schema.KEY_ADAPTER_NAMES], arrays[schema.KEY_ADAPTER_RANKS]
-    if len(set(names)) != k:
-        raise FormatError(f"{path}: adapter names are not unique: {names}")
+    if len(set(names)) != k or "" in names:
+        raise FormatError(f"{path}: adapter names must be unique and non-empty: {names}")
     if any(r < 1 for r in ranks):
         raise FormatError(f"{path}: {schema.KEY_ADAPTER_RANKS} {ranks}: every rank must be >= 1")
-    temperature = need(schema.KEY_GATE_TEMPERATURE, float, "a number")
+    temperature = need(schema.KEY_GATE_TEMPERATURE, VT.FLOAT32, "a float32")
     if not (math.isfinite(temperature) and temperature > 0):
         raise FormatError(f"{path}: {schema.KEY_GATE_TEMPERATURE} is {temperature}, must be finite and > 0")
-    gate_input = need(schema.KEY_GATE_INPUT, str, "a string")
+    gate_input = need(schema.KEY_GATE_INPUT, VT.STRING, "a string")
     if gate_input != schema.GATE_INPUT:
         raise FormatError(f"{path}: {schema.KEY_GATE_INPUT} is {gate_input!r}, expected {schema.GATE_INPUT!r}")
 
@@ -193,9 +199,15 @@ def read_flow_file(path, header: GGUFHeader | None = None) -> FlowFile:
             if half not in hv:
                 raise FormatError(f"{path}: blk.{layer}.{module}: {half} missing (both halves of a pair must exist)")
         a, b = hv["flow_a"], hv["flow_b"]
-        if a.shape[1] != R or b.shape[0] != R:
+        if a.shape[1] != R or b.shape[0] != R or a.shape[0] < 1 or b.shape[1] < 1:
             raise FormatError(f"{path}: blk.{layer}.{module}: flow_a is {list(a.shape)} and flow_b {list(b.shape)} "
                               f"(ggml order), expected [n_in, {R}] and [{R}, n_out] for R = sum of ranks {ranks}")
+        # without the base model, the sizes every supported arch fixes: the modules reading the
+        # residual stream take n_embd inputs, those writing it give n_embd outputs
+        if module in _READS_RESIDUAL and a.shape[0] != n_embd or module in _WRITES_RESIDUAL and b.shape[1] != n_embd:
+            half, got = ("flow_a", a) if module in _READS_RESIDUAL else ("flow_b", b)
+            raise FormatError(f"{path}: blk.{layer}.{module}.{half} is {list(got.shape)} (ggml order), but "
+                              f"{module} {'reads' if half == 'flow_a' else 'writes'} n_embd = {n_embd} values")
         pairs[(layer, module)] = (a, b)
     return FlowFile(h, arch, version, n_layer, n_embd, list(names), list(ranks),
                     [float(x) for x in arrays[schema.KEY_ADAPTER_ALPHAS]],

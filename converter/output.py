@@ -46,13 +46,16 @@ def temp_path(folder: Path, name: str, tag: str = "") -> Iterator[Path]:
 def atomic_output(out, force: bool) -> Iterator[Path]:
     """Yield a temporary path next to `out`; when the block succeeds it becomes `out`."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with temp_path(out.parent, out.name) as tmp:
-        yield tmp
-        if out.exists() and not force:  # appeared while we worked
-            raise ConversionError(f"{out} already exists; pass --force to overwrite it")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it an ordinary file's mode
-        os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with temp_path(out.parent, out.name) as tmp:
+            yield tmp
+            if out.exists() and not force:  # appeared while we worked
+                raise ConversionError(f"{out} already exists; pass --force to overwrite it")
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it an ordinary file's mode
+            os.replace(tmp, out)
+    except OSError as e:  # a full disk, a file size limit, a folder we may not write
+        raise ConversionError(f"{out}: not written ({e})") from None
 
 
 def _umask() -> int:

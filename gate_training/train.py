@@ -357,23 +357,14 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
     par.close()
 
     # outputs (the first process writes them)
-    if par.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
     weights = None
     if cfg.fusion == "dynamic":
-        outputs = [schema.GATE_CKPT_FILE]
-        if par.main:
-            flow.save_gate(out)
+        outputs = {schema.GATE_CKPT_FILE: lambda path: flow.save_gate(path.parent)}
     else:
-        outputs = [STATIC_FILE]
         w = params[0].detach().float().cpu().numpy() if params else [1.0 / k] * k
         weights = [[round(float(x), 6) for x in r] for r in w] if cfg.per_layer else [round(float(x), 6) for x in w]
-        if par.main:
-            (out / STATIC_FILE).write_text(json.dumps(
-                {"fusion": cfg.fusion, "adapters": names, "per_layer": cfg.per_layer, "weights": weights},
-                indent=2) + "\n")
+        static = {"fusion": cfg.fusion, "adapters": names, "per_layer": cfg.per_layer, "weights": weights}
+        outputs = {STATIC_FILE: lambda path: path.write_text(json.dumps(static, indent=2) + "\n")}
 
     record = {
         "command": "train-gate",
@@ -388,7 +379,7 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
         "static_weights": weights,
         "trainable_parameters": sum(p.numel() for p in params),
         "steps": total_steps,
-        "outputs": outputs,
+        "outputs": list(outputs),
         "device": device,
         "processes": par.world,
         "torch_threads": torch.get_num_threads(),
@@ -397,8 +388,37 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
                     "total_s": round(time.time() - t_start, 3)},
     }
     if par.main:
-        (out / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        outputs[RUN_FILE] = lambda path: path.write_text(json.dumps(record, indent=2) + "\n")
+        write_outputs(out, outputs)
     return record
+
+
+def write_outputs(out: Path, writers: dict) -> None:
+    """Write each output (name -> function writing that file) into a temporary folder inside
+    `out`, then move them into place and remove the other OUTPUT_FILES. A failure (a full disk)
+    leaves no partial output, and a previous run's outputs stay until the new ones are complete."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors import SafetensorError
+
+    stage = None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=".train-gate."))
+        for name, write in writers.items():
+            write(stage / name)
+        for name in OUTPUT_FILES:
+            if name not in writers:
+                (out / name).unlink(missing_ok=True)
+        for name in writers:
+            os.replace(stage / name, out / name)
+    except (OSError, SafetensorError) as e:
+        raise LoraFlowError(f"{out}: could not write the outputs ({e}); none was written") from None
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def _epoch_line(row: dict, label: str) -> str:

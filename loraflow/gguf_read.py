@@ -94,9 +94,16 @@ class GGUFHeader:
         return np.array(out, dtype=np.float32).reshape(t.numpy_shape)
 
 
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
 class _Cursor:
-    def __init__(self, f):
+    def __init__(self, f, size: int):
         self.f = f
+        self.size = size
+
+    def left(self) -> int:
+        return self.size - self.f.tell()
 
     def unpack(self, fmt):
         size = struct.calcsize("<" + fmt)
@@ -107,10 +114,9 @@ class _Cursor:
 
     def string(self) -> str:
         (n,) = self.unpack("Q")
-        data = self.f.read(n)
-        if len(data) != n:
+        if n > self.left():  # a corrupt length: do not try to read (or allocate) it
             raise EOFError
-        return data.decode("utf-8", errors="replace")
+        return self.f.read(n).decode("utf-8", errors="replace")
 
     def value(self, vtype: int):
         """(value, array length or None, element type or None)"""
@@ -122,6 +128,9 @@ class _Cursor:
         if vtype == GGUFValueType.ARRAY:
             etype, n = self.unpack("IQ")
             etype = GGUFValueType(etype)
+            # every element takes at least a byte (a string, its 8-byte length)
+            if n > self.left() // (8 if etype == GGUFValueType.STRING else struct.calcsize("<" + _SCALAR.get(etype, "B"))):
+                raise EOFError
             if etype in _SCALAR and n > MAX_KEEP:  # skip without parsing
                 self.f.seek(n * struct.calcsize("<" + _SCALAR[etype]), 1)
                 return None, n, etype
@@ -142,7 +151,7 @@ def read_header(path) -> GGUFHeader:
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
-            c = _Cursor(f)
+            c = _Cursor(f, size)
             if f.read(4) != b"GGUF":
                 raise FormatError(f"{path}: not a GGUF file (bad magic)")
             (version,) = c.unpack("I")
@@ -162,6 +171,8 @@ def read_header(path) -> GGUFHeader:
             for _ in range(n_tensors):
                 name = c.string()
                 (n_dims,) = c.unpack("I")
+                if n_dims > MAX_DIMS:
+                    raise FormatError(f"{path}: tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})")
                 shape = c.unpack("Q" * n_dims)
                 ttype, offset = c.unpack("IQ")
                 infos.append((name, tuple(int(x) for x in shape), ttype, offset))
@@ -174,17 +185,27 @@ def read_header(path) -> GGUFHeader:
         raise FormatError(f"{path}: general.alignment {alignment!r} is not a positive multiple of 8")
     data_offset = -(-header_end // alignment) * alignment
     tensors = {}
+    expected_offset = 0  # as llama.cpp's reader: the tensors' data in file order, each aligned
     for name, shape, ttype, offset in infos:
         try:
             qtype = GGMLQuantizationType(ttype)
             block, type_size = GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
             raise FormatError(f"{path}: tensor {name} has unknown type {ttype}") from None
-        n_elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        n_elements, extent = 1, 1
+        for d in shape:  # Python integers: no overflow, whatever the header claims
+            n_elements *= d
+            extent *= max(d, 1)
+        if extent >= 2**63:
+            raise FormatError(f"{path}: tensor {name} has an impossible shape {list(shape)}")
         if shape and shape[0] % block:
             raise FormatError(f"{path}: tensor {name} has rows of {shape[0]}, not a multiple of the "
                               f"{qtype.name} block size {block}")
         nbytes = n_elements // block * type_size
+        if offset != expected_offset:
+            raise FormatError(f"{path}: tensor {name} has data offset {offset}, expected {expected_offset} "
+                              f"(the tensors' data in order, each aligned to {alignment} bytes)")
+        expected_offset += -(-nbytes // alignment) * alignment
         start = data_offset + offset
         if start + nbytes > size:
             raise FormatError(f"{path}: tensor {name} ({qtype.name} {list(shape)}) lies beyond the end of the file "

@@ -380,7 +380,7 @@ def test_broken_flow_files_refused(llama, round_trip, tmp_path):
         "layer": (dict(add={"blk.7.attn_q.flow_a": np.zeros((R, 64), np.float32)}),
                   "tensor blk.7.attn_q.flow_a: layer 7 >= n_layer 2"),
         "version": (dict(meta={schema.KEY_VERSION: 2}), "loraflow.version is 2; this loraflow reads version 1"),
-        "names": (dict(meta={schema.KEY_ADAPTER_NAMES: ["big"]}), "loraflow.adapter.names should be 2 str values"),
+        "names": (dict(meta={schema.KEY_ADAPTER_NAMES: ["big"]}), "loraflow.adapter.names should be 2 string values"),
         "temperature": (dict(meta={schema.KEY_GATE_TEMPERATURE: -1.0}), "loraflow.gate.temperature is -1.0"),
         "arch": (dict(meta={schema.KEY_GENERAL_ARCH: "gpt2"}), None),
         "ranks": (dict(meta={schema.KEY_ADAPTER_RANKS: [R - 4, 5]}), f"expected [n_in, {R + 1}] and [{R + 1}, n_out]"),
