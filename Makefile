@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo clean-native
+.PHONY: install test demo fuzz upstream-tests clean-native
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,16 @@ test: install
 
 demo: install
 	$(VENV)/bin/loraflow demo
+
+# the flow-file readers under atheris (coverage-guided), FUZZ_SECONDS long (tests/fuzz/fuzz_flow_file.py)
+FUZZ_SECONDS ?= 600
+fuzz: install
+	$(PIP) install -q -e '.[fuzz]'
+	$(PY) tests/fuzz/fuzz_flow_file.py -max_total_time=$(FUZZ_SECONDS)
+
+# llama.cpp's own offline ctest suite, released vs patched source (slow: two builds; not part of `make test`)
+upstream-tests:
+	$(PY) tests/upstream/run_ctest.py
 
 clean-native:
 	rm -rf $${LORAFLOW_CACHE:-$$HOME/.cache/loraflow}/native

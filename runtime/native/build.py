@@ -72,9 +72,10 @@ def source_dir(root: Path) -> Path:
     return root / f"src-{LLAMA_CPP_PYTHON_VERSION}" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
 
 
-def prepare_source(root: Path, sdist: Path) -> Path:
+def prepare_source(root: Path, sdist: Path, patched: bool = True) -> Path:
     """A fresh, patched source tree at a fixed path, so the CMake build folder can be reused:
-    untouched files keep the tarball's timestamps and are not recompiled."""
+    untouched files keep the tarball's timestamps and are not recompiled. `patched=False`
+    leaves it as released (tests/upstream/run_ctest.py compares the two)."""
     top = source_dir(root)
     if top.parent.exists():
         shutil.rmtree(top.parent)
@@ -82,6 +83,8 @@ def prepare_source(root: Path, sdist: Path) -> Path:
     with tarfile.open(sdist) as tar:
         tar.extractall(top.parent, filter="tar") if hasattr(tarfile, "data_filter") else tar.extractall(top.parent)
     llama_dir = top / "vendor" / "llama.cpp"
+    if not patched:
+        return top
     for ours, dest in OUR_SOURCES.items():
         shutil.copyfile(ours, llama_dir / dest)
     run(["patch", "-p1", "--batch", "--forward", "-i", str(PATCH)], cwd=llama_dir)

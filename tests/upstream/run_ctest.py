@@ -1,0 +1,126 @@
+"""llama.cpp's own ctest suite, built from the released and from the patched source: the
+patch must break nothing upstream tests.
+
+    python tests/upstream/run_ctest.py [--jobs N] [--keep-going]      (make upstream-tests)
+
+Both trees come from the pinned llama-cpp-python source distribution through
+runtime/native/build.py (`fetch_sdist`, `prepare_source`, with and without the patch) and are
+configured, built and tested the same way in $LORAFLOW_CACHE/upstream-tests/{pristine,patched}
+(default ~/.cache/loraflow). Only the offline tests run: label `main`, without the ones that
+download a model or a repository (EXCLUDED). The script prints both trees' results and exits 0
+when the patched tree passes exactly the tests the pristine one passes. Not part of `make test`:
+the two builds take a long time on a small machine (ccache shares the unchanged objects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# label `main` tests that reach the network: a model download (test-thread-safety needs the
+# test-download-model fixture) and a clone of Hugging Face's vocab repository
+EXCLUDED = ("test-download-model", "test-thread-safety", "test-tokenizers-ggml-vocabs")
+LABEL = "main"
+CMAKE_ARGS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_BUILD_TESTS=ON",
+    "-DLLAMA_CURL=OFF",            # older releases' downloader; unused by this one
+    "-DLLAMA_OPENSSL=OFF",         # no HTTPS: nothing here fetches anything
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_MTMD=ON",       # test-mtmd-* link libmtmd
+]
+
+
+def load_build_module():
+    spec = importlib.util.spec_from_file_location("loraflow_native_build", REPO / "runtime" / "native" / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run(cmd, **kw):
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run([str(c) for c in cmd], **kw)
+
+
+def build_tree(native, root: Path, tree: str, jobs: int) -> Path:
+    """Unpack (once), configure and build one tree; return its build folder."""
+    base = root / tree
+    marker = base / "source-ready"
+    top = native.source_dir(base)
+    if not marker.is_file():
+        top = native.prepare_source(base, native.fetch_sdist(native.cache_root()), patched=tree == "patched")
+        marker.write_text(str(top))
+    build = base / "build"
+    env = dict(os.environ)
+    if shutil.which("ccache"):
+        # the same relative paths in both trees, so the second build reuses the first one's objects
+        env["CCACHE_BASEDIR"] = str(root)
+        launcher = ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+    else:
+        launcher = []
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    run(["cmake", "-S", top / "vendor" / "llama.cpp", "-B", build, *generator, *CMAKE_ARGS, *launcher],
+        check=True, env=env)
+    run(["cmake", "--build", build, "-j", str(jobs)], check=True, env=env)
+    return build
+
+
+def run_ctest(build: Path, jobs: int) -> dict[str, str]:
+    """{test name: "passed" | "failed" | "skipped" | ...} for the offline tests."""
+    junit = build / "ctest-results.xml"
+    junit.unlink(missing_ok=True)
+    run(["ctest", "--test-dir", build, "-L", LABEL, "-E", "^(" + "|".join(EXCLUDED) + ")$",
+         "--output-on-failure", "--timeout", "1800", "-j", str(jobs), "--output-junit", junit],
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    results = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        results[case.get("name")] = case.get("status") or "passed"
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=2, help="parallel compile jobs and tests (default 2)")
+    ap.add_argument("--trees", default="pristine,patched", help="which trees (default: both)")
+    args = ap.parse_args()
+
+    native = load_build_module()
+    root = Path(os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow")) / "upstream-tests"
+    trees = args.trees.split(",")
+    results = {}
+    for tree in trees:
+        build = build_tree(native, root, tree, args.jobs)
+        results[tree] = run_ctest(build, args.jobs)
+    (root / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+
+    print(f"\nllama-cpp-python {native.LLAMA_CPP_PYTHON_VERSION}, ctest -L {LABEL}, excluded: {', '.join(EXCLUDED)}")
+    for tree in trees:
+        r = results[tree]
+        passed = sorted(n for n, s in r.items() if s == "passed")
+        other = sorted(f"{n} ({s})" for n, s in r.items() if s != "passed")
+        print(f"{tree}: {len(passed)}/{len(r)} passed" + (f"; not passed: {', '.join(other)}" if other else ""))
+    if len(trees) < 2:
+        return 0
+    a, b = (results[t] for t in trees[:2])
+    differ = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+    for n in differ:
+        print(f"DIFFERS: {n}: {trees[0]} {a.get(n, 'absent')}, {trees[1]} {b.get(n, 'absent')}")
+    print("same results in both trees" if not differ else f"{len(differ)} tests differ")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
