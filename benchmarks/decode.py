@@ -5,8 +5,10 @@
 
 Every configuration runs in its own subprocess (so peak RSS is its own) on the same base
 model file: the bare base (stock llama.cpp API), k static LoRAs through stock
-`llama_set_adapters_lora`, the flow adapter in `dynamic` and `static` modes, and the PyTorch
-model of the method (fp32, same LoRAs and gate). Reported: prefill tokens/s (128 and 512
+`llama_set_adapters_lora`, the flow adapter in `dynamic` and `static` modes, the PyTorch
+model of the method (fp32, same LoRAs and gate), and PEFT's X-LoRA over the same LoRAs (fp32,
+untrained classifier; a second forward pass per call, and no KV cache, as in PEFT's own
+X-LoRA generate). Reported: prefill tokens/s (128 and 512
 tokens), decode tokens/s (128 tokens after a 64-token prompt), medians of --reps rounds (configurations interleaved), peak
 RSS, file sizes; a markdown table of ratios against stock static multi-LoRA, and JSON.
 """
@@ -114,7 +116,9 @@ def time_llama(llm, reps: int) -> dict:
     return out
 
 
-def time_torch(model, reps: int) -> dict:
+def time_torch(model, reps: int, kv_cache: bool = True) -> dict:
+    """Prefill and decode timings on a PyTorch causal LM; with kv_cache=False every decode step
+    runs the whole sequence so far again (what PEFT's X-LoRA generate does)."""
     import torch
 
     def prompt_cache():
@@ -124,11 +128,34 @@ def time_torch(model, reps: int) -> dict:
         for tok in tokens_for(DECODE_TOKENS, seed=1):
             past = model.model(torch.tensor([[tok]]), past_key_values=past, use_cache=True).past_key_values
 
+    def decode_uncached(_):
+        ids = tokens_for(DECODE_PROMPT)
+        for tok in tokens_for(DECODE_TOKENS, seed=1):
+            ids.append(tok)
+            model(torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+
     with torch.no_grad():
         out = {f"prefill{n}": n / median_seconds(lambda _, ids=torch.tensor([tokens_for(n)]): model.forward(ids), reps)
                for n in PREFILL}
-        out["decode"] = DECODE_TOKENS / median_seconds(decode, reps, prompt_cache)
+        out["decode"] = DECODE_TOKENS / (median_seconds(decode, reps, prompt_cache) if kv_cache else
+                                         median_seconds(decode_uncached, reps))
     return out
+
+
+def xlora_model(base: Path, peft_dirs: list[str]):
+    """PEFT's X-LoRA over the k PEFT LoRA folders, fp32, with its classifier as initialised
+    (untrained: fine for speed). X-LoRA refuses a model config with use_cache on, and its
+    scaling pass and real pass would both append to one KV cache, so it decodes without one."""
+    import torch
+    import transformers
+    from peft import XLoraConfig, get_peft_model
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(base.parent), gguf_file=base.name, dtype=torch.float32)
+    hf.config.use_cache = False
+    # X-LoRA loads adapter i under the name str(i), and activates the keys of `adapters`
+    config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=hf.config.hidden_size,
+                         adapters={str(i): p for i, p in enumerate(peft_dirs)})
+    return get_peft_model(hf, config).eval()
 
 
 def run_one(config: str, base: str, inputs: dict, threads: int, reps: int) -> dict:
@@ -169,6 +196,11 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int) -> di
         model = FlowModel(hf, [read_peft_adapter(p) for p in inputs["peft"]], inputs["names"])
         model.load_gate(inputs["gate"])
         result = time_torch(model, reps)
+    elif config == "xlora":
+        import torch
+
+        torch.set_num_threads(threads)
+        result = time_torch(xlora_model(Path(base), inputs["peft"]), reps, kv_cache=False)
     else:
         raise SystemExit(f"unknown configuration {config}")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -216,7 +248,7 @@ def main() -> int:
                     help="LoRA tensor type, the same for the flow file and the stock LoRAs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--configs", default="base,stock_static,flow_dynamic,flow_static,torch")
+    ap.add_argument("--configs", default="base,stock_static,flow_dynamic,flow_static,torch,xlora")
     ap.add_argument("--scaling", action="store_true", help="k = 1, 2, 4, 8 decode: stock static vs flow dynamic")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--one", help=argparse.SUPPRESS)
