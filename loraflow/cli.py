@@ -15,14 +15,17 @@ def main():
 
 
 @main.command()
-@click.option("--prompt", "-p", default="Explain in one sentence why the sky is blue.", show_default=True)
-@click.option("--max-tokens", default=48, show_default=True)
+@click.option("--prompt", "-p", default=None, help="the question  [default: a Spanish word problem of the test set]")
+@click.option("--flow", "-f", type=click.Path(dir_okay=False), default=None,
+              help="flow file  [default: the compose adapter made by recipes/compose]")
+@click.option("--max-tokens", default=40, show_default=True)
 @click.option("--threads", default=2, show_default=True)
-def demo(prompt, max_tokens, threads):
-    """Run a flow adapter on the default model (SmolLM2-135M-Instruct Q4_1) and show its gates."""
-    from loraflow.demo import run_demo
+def demo(prompt, flow, max_tokens, threads):
+    """A Spanish LoRA and a math LoRA fused by LoRA-Flow gates on the default model (SmolLM2-135M-Instruct
+    Q4_1): the answer, the gates token by token, and the baselines."""
+    from loraflow.demo import DEFAULT_PROMPT, run_demo
 
-    run_demo(prompt=prompt, max_tokens=max_tokens, threads=threads)
+    run_demo(prompt=prompt or DEFAULT_PROMPT, max_tokens=max_tokens, threads=threads, flow=flow)
 
 
 # generate, chat, serve, trace (loraflow/cli_runtime.py)

@@ -1,55 +1,52 @@
-"""`loraflow demo`: the default model with a two-LoRA flow adapter, generating and showing
-how its per-layer gates move from token to token.
-
-Until the compose recipe (a trained language + math flow adapter) lands, the adapter is
-built from two random-but-nontrivial LoRAs and a random gate: the point is to show the
-runtime path end to end (convert -> load -> generate -> read back the gates)."""
+"""`loraflow demo`: the default model with the compose flow adapter (a Spanish LoRA and a math
+LoRA fused by trained LoRA-Flow gates, made by recipes/compose), answering a Spanish word problem
+and showing, token by token, which LoRA the gates lean on; then the same question under the
+baselines the same file serves (each LoRA alone, their average)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import numpy as np
+from loraflow.errors import LoraFlowError
+from loraflow.models import default_model_path
 
-from loraflow import synthetic
-from loraflow.models import cache_dir, default_model_path
-
-
-def build_demo_flow(base) -> "Path":
-    from loraflow.converter.flow import convert_flow
-
-    work = cache_dir("demo", "random-v1")
-    out = work / "flow.gguf"
-    if out.exists():
-        return out
-    n_layer, n_embd, shapes = synthetic.base_gguf_shapes(base)
-    names = ["alpha", "beta"]
-    dirs = [synthetic.write_random_peft_adapter(work / name, shapes, r=16, alpha=32, seed=i + 1)
-            for i, name in enumerate(names)]
-    gate = synthetic.write_gate_checkpoint(work / "gate" / "gate.safetensors",
-                                           synthetic.random_gate(n_layer, len(names), n_embd, seed=7, scale=4.0), names)
-    convert_flow(base, list(zip(names, map(str, dirs))), gate, out, outtype="f16")
-    return out
+# made by `python recipes/compose/run.py` (seed 0): the work folder's compose.flow.gguf, copied here
+COMPOSE_FLOW = Path(__file__).resolve().parent / "adapters" / "compose-es-math.flow.gguf"
+# the first problem of the recipe's test set (seed 0): held out from every training set
+DEFAULT_PROMPT = "Elena tiene 8 bolsas con 2 camisas en cada bolsa. ¿Cuántas camisas tiene Elena en total?"
 
 
-def run_demo(prompt: str, max_tokens: int, threads: int) -> None:
+def run_demo(prompt: str, max_tokens: int, threads: int, flow: Path | None = None) -> None:
     from loraflow.runtime import FlowLlama
+    from loraflow.runtime.trace import trace
 
     base = default_model_path()
-    flow = build_demo_flow(base)
-    llm = FlowLlama(str(base), flow_path=str(flow), n_ctx=1024, n_threads=threads, seed=0,
-                    verbose=False, record_gates=True)
-    print(f"model: {base.name}\nflow:  {flow} (adapters: {', '.join(llm.adapter_names)}, mode {llm.mode})\n")
-    print(f"user: {prompt}\nassistant: ", end="", flush=True)
-    for chunk in llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                            temperature=0.0, stream=True):
-        print(chunk["choices"][0]["delta"].get("content", ""), end="", flush=True)
-    print("\n")
-    gates = llm.gate_weights()  # [n_tokens, n_layer, k]
-    print(f"gate weights of {gates.shape[0]} evaluated tokens x {gates.shape[1]} layers:")
-    print("layer  " + "  ".join(f"{n:>14}" for n in llm.adapter_names))
-    for il in range(gates.shape[1]):
-        cells = [f"{gates[:, il, i].mean():6.3f}±{gates[:, il, i].std():5.3f}" for i in range(gates.shape[2])]
-        print(f"{il:5d}  " + "  ".join(f"{c:>14}" for c in cells))
-    llm.close()
+    flow = Path(flow) if flow else COMPOSE_FLOW
+    if not flow.is_file():
+        raise LoraFlowError(f"{flow}: no such flow file (rebuild it with `python recipes/compose/run.py`)")
+    llm = FlowLlama(str(base), flow_path=str(flow), n_ctx=1024, n_threads=threads, seed=0, verbose=False)
+    try:
+        names = llm.adapter_names
+        print(f"model: {base.name}\nflow:  {flow.name} (adapters: {', '.join(names)})\n\nuser: {prompt}")
+        t = trace(llm, prompt, max_tokens=max_tokens)
+        print(f"assistant (LoRA-Flow): {''.join(t.texts[t.n_prompt:]).strip()}\n")
+        print("the gates at each answer token (mean over the {} layers):".format(t.n_layer))
+        print(f"  {'token':<14}" + "".join(f"{n:>8}" for n in names))
+        mean = t.weights.mean(axis=1)                 # [n_tokens, k]
+        # row i is the token fed at position i; its weights shape the prediction of token i + 1
+        for pos in range(t.n_prompt - 1, len(t.tokens) - 1):
+            nxt = t.texts[pos + 1]
+            bar = "#" * min(20, max(0, int(round(10 * mean[pos, -1]))))
+            print(f"  {repr(nxt):<14}" + "".join(f"{w:8.2f}" for w in mean[pos]) + f"  {bar}")
+        print(f"  (# = {names[-1]}'s weight x 10; a row's weights are those at the token before, which predicts it;"
+              "\n   weights are softmax + bias, so they can leave [0, 1])")
+        print("\nthe same question under the baselines in the same file:")
+        for mode in [f"single:{n}" for n in names] + ["average"]:
+            llm.set_mode(mode)
+            out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                             temperature=0.0)
+            print(f"  {mode:<12} {out['choices'][0]['message']['content'].strip()}")
+    finally:
+        llm.close()
     sys.stdout.flush()

@@ -38,6 +38,9 @@ METHODS = [("base model", "off"), ("Spanish LoRA alone", "single:lang"), ("math 
            ("average (1/2, 1/2)", "average"), ("task-level static (learned)", "static"),
            ("LoRA-Flow (dynamic gates)", "dynamic")]
 MAX_TOKENS = 40
+# exact answer: the number right after the first "=" is the result (the answer must show the
+# computation; a right number elsewhere in a rambling answer does not count)
+EXTRACT = r"regex:=\s*(-?\d+)"
 STATIC_LRS = (0.01, 0.1)
 BEGIN, END = "<!-- compose:begin -->", "<!-- compose:end -->"
 
@@ -163,7 +166,7 @@ class Recipe:
 
     def eval_cmd(self, backend: str, mode: str, out: Path) -> list[str]:
         cmd = [bin_path("loraflow"), "eval", "--backend", backend, "--mode", mode,
-               "--data", str(self.data / "test.jsonl"), "--extract", "last-number",
+               "--data", str(self.data / "test.jsonl"), "--extract", EXTRACT,
                "--max-tokens", str(MAX_TOKENS), "--threads", str(self.threads), "--show", "0", "-q", "-o", str(out)]
         if mode == "static":
             cmd += ["--static-weights", str(self.work / "gate-static" / "static.json")]
@@ -186,17 +189,21 @@ class Recipe:
         tmp.rename(self.work / "eval")
 
     def step_report(self):
+        from loraflow.gate_training.evaluate import make_extractor
+
+        extract = make_extractor(EXTRACT)      # the eval's own rule, re-applied: scores stay EXTRACT's
         results = {}
         for backend in ("torch", "runtime"):
             for label, mode in METHODS:
                 rep = json.loads((self.work / "eval" / f"{backend}-{mode.replace(':', '-')}.json").read_text())
                 rows = rep["results"]
                 spanish = [compose_data.is_spanish(r["prediction"]) for r in rows]
+                exact = [extract(r["prediction"]) == r["reference"] for r in rows]
                 results[f"{backend}/{mode}"] = {
                     "method": label, "backend": backend, "mode": mode, "examples": len(rows),
-                    "exact": sum(r["correct"] for r in rows) / len(rows),
+                    "exact": sum(exact) / len(rows),
                     "spanish": sum(spanish) / len(rows),
-                    "both": sum(r["correct"] and s for r, s in zip(rows, spanish)) / len(rows),
+                    "both": sum(e and s for e, s in zip(exact, spanish)) / len(rows),
                     "seconds": rep["seconds"]}
         static = json.loads((self.work / "gate-static" / "static.json").read_text())["weights"]
         # from the runs' own records (a step can span several invocations): the LoRAs and the
