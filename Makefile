@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo fuzz upstream-tests clean-native
+.PHONY: install test demo compose fuzz upstream-tests clean-native
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ test: install
 
 demo: install
 	$(VENV)/bin/loraflow demo
+
+# the compose recipe end to end (about an hour on 2 cores; see docs/RESULTS.md)
+compose: install
+	$(PY) recipes/compose/run.py --docs
 
 # the flow-file readers under atheris (coverage-guided), FUZZ_SECONDS long (tests/fuzz/fuzz_flow_file.py)
 FUZZ_SECONDS ?= 600
