@@ -8,12 +8,14 @@ inside an input folder) is refused even with `force`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from loraflow.errors import ConversionError
+from loraflow.errors import ConversionError, FormatError
+from loraflow.gguf_read import read_header
 
 
 def check_output(out, force: bool, inputs: Iterable = ()) -> Path:
@@ -44,18 +46,37 @@ def temp_path(folder: Path, name: str, tag: str = "") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_output(out, force: bool) -> Iterator[Path]:
-    """Yield a temporary path next to `out`; when the block succeeds it becomes `out`."""
+    """Yield a temporary path next to `out` for a GGUF file; when the block succeeds and the file
+    is complete, it becomes `out`."""
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with temp_path(out.parent, out.name) as tmp:
             yield tmp
+            _check_complete(out, tmp)
             if out.exists() and not force:  # appeared while we worked
                 raise ConversionError(f"{out} already exists; pass --force to overwrite it")
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it an ordinary file's mode
             os.replace(tmp, out)
     except OSError as e:  # a full disk, a file size limit, a folder we may not write
-        raise ConversionError(f"{out}: not written ({e})") from None
+        # numpy's tofile reports a short write without an errno
+        hint = "; is the disk full?" if e.errno in (None, errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+        raise ConversionError(f"{out}: not written ({e}{hint})") from None
+
+
+def _check_complete(out: Path, tmp: Path) -> None:
+    """A failed write can go unreported (numpy's tofile ignores an error when its stream is
+    closed): flush the file to disk and read its header back, which checks that every tensor's
+    data lies inside it."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        read_header(tmp)
+    except FormatError as e:
+        raise ConversionError(f"{out}: not written: the file came out incomplete ({e}); is the disk full?") from None
 
 
 def _umask() -> int:

@@ -20,10 +20,14 @@ class FlowAdapter:
         ptr = B.llama_flow_adapter_init(model_ptr, self.path.encode(), err, len(err))
         if not ptr:
             raise FormatError(err.value.decode(errors="replace") or f"{self.path}: could not load flow adapter")
-        self.ptr = ptr
         self.n_adapters = B.llama_flow_adapter_n_adapters(ptr)
         self.n_layer = B.llama_flow_adapter_n_layer(ptr)
-        self.names = [B.llama_flow_adapter_name(ptr, i).decode() for i in range(self.n_adapters)]
+        try:
+            self.names = [B.llama_flow_adapter_name(ptr, i).decode() for i in range(self.n_adapters)]
+        except UnicodeDecodeError:
+            B.llama_flow_adapter_free(ptr)
+            raise FormatError(f"{self.path}: an adapter name in 'loraflow.adapter.names' is not UTF-8") from None
+        self.ptr = ptr
 
     def free(self) -> None:
         if self.ptr:

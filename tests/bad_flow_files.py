@@ -316,6 +316,8 @@ def make_corpus(good, out_dir, n_layer: int, n_embd: int) -> list[Case]:
     # names: adapters and tensors
     add("names", "adapters-repeat", "unique", kv_set={schema.KEY_ADAPTER_NAMES: ([names[0]] * k, VT.ARRAY, VT.STRING)})
     add("names", "adapter-empty", "empty", kv_set={schema.KEY_ADAPTER_NAMES: ([""] + names[1:], VT.ARRAY, VT.STRING)})
+    add("names", "adapter-not-utf8", "UTF-8", needs_base=True,  # the Python reader shows it with U+FFFD
+        kv_set={schema.KEY_ADAPTER_NAMES: ([b"\x94" + names[0].encode()] + names[1:], VT.ARRAY, VT.STRING)})
     for l in range(n_layer):
         for t in (schema.TENSOR_GATE_WEIGHT, schema.TENSOR_GATE_BIAS):
             name = t.format(bid=l)

@@ -383,9 +383,9 @@ def test_no_temp_file_left_when_writing_fails(llama, tmp_path, monkeypatch):
     m, d, adapters, gate = llama
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
-    with pytest.raises(ConversionError, match=r"flow.gguf: not written \(disk full\)"):
+    with pytest.raises(ConversionError, match=r"flow.gguf: not written \(\[Errno 28\] No space left on device; is the disk full\?\)"):
         convert_flow(m.gguf, adapters, gate, tmp_path / "flow.gguf")
     assert list(tmp_path.iterdir()) == []
 

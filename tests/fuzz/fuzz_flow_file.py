@@ -2,6 +2,7 @@
 
     pip install -e '.[fuzz]'
     python tests/fuzz/fuzz_flow_file.py [-max_total_time=600] [other libFuzzer flags]   (make fuzz)
+    python tests/fuzz/fuzz_flow_file.py FINDING...                                     (run inputs once)
 
 Each input is written to a file and read the two ways a user's file is read:
 
@@ -14,14 +15,16 @@ Each input is written to a file and read the two ways a user's file is read:
    there kills the fuzzer, which saves the input. The C++ code is not instrumented: libFuzzer
    steers by the Python reader's coverage, and the C++ loader sees the same inputs.
 
-The first run builds the tiny model and two seed flow files (F32, and Q8_0 with F16) into
-$LORAFLOW_CACHE/fuzz (needs the `train` extra for torch); the corpus grows in
+The first run builds the tiny llama model of the tests (needs the `train` extra for torch) and two
+seed flow files (F32, and Q8_0 with F16) into $LORAFLOW_CACHE/fuzz; the corpus grows in
 $LORAFLOW_CACHE/fuzz/corpus and findings land in $LORAFLOW_CACHE/fuzz/findings/.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -41,24 +44,30 @@ from loraflow.models import cache_dir  # noqa: E402
 
 
 def prepare(root: Path) -> tuple[Path, list[Path]]:
-    """The tiny base model and the seed flow files, built once."""
-    base = root / "llama-f32.gguf"
-    seeds = [root / "seed-f32.gguf", root / "seed-q8_0.gguf"]
-    if base.is_file() and all(s.is_file() for s in seeds):
-        return base, seeds
-    from fixtures import TinyModels, make_random_gate, make_tiny_lora
-
+    """The tiny base model (tests/fixtures.py; needs torch, once) and two small seed flow files
+    (a few KB: two rank-1 LoRAs on q and down of layer 0, random gates), F32 and Q8_0 with F16."""
+    from loraflow import synthetic
     from loraflow.converter.flow import convert_flow
 
-    work = Path(tempfile.mkdtemp(dir=root))
-    tm = TinyModels(work).get("llama")
-    # small seeds (a few KB): two rank-1 LoRAs on q and down of layer 0, F32 and Q8_0
-    loras = [(n, make_tiny_lora(tm.hf_dir, work / n, r=1, alpha=2, targets=("q_proj", "down_proj"), seed=i + 1,
-                                layers=[0])) for i, n in enumerate(("lang", "math"))]
-    gate = make_random_gate(tm.n_layer, 2, tm.n_embd, work / "gate", ["lang", "math"], seed=3)
-    for seed, outtype in zip(seeds, ("f32", "q8_0")):
-        convert_flow(tm.gguf, loras, gate, seed, outtype=outtype, force=True)
-    tm.gguf.rename(base)
+    base = root / "llama-f32.gguf"
+    if not base.is_file():
+        from fixtures import TinyModels
+
+        TinyModels(Path(tempfile.mkdtemp(dir=root))).get("llama").gguf.rename(base)
+    seeds = [root / "seed-f32.gguf", root / "seed-q8_0.gguf"]
+    if not all(s.is_file() for s in seeds):
+        work = Path(tempfile.mkdtemp(dir=root))
+        n_layer, n_embd, shapes = synthetic.base_gguf_shapes(base)
+        shapes = {key: v for key, v in shapes.items() if key[0] == 0 and key[1] in ("q_proj", "down_proj")}
+        names = ["lang", "math"]
+        loras = [(n, str(synthetic.write_random_peft_adapter(work / n, shapes, r=1, alpha=2, seed=i + 1,
+                                                             targets=("q_proj", "down_proj"))))
+                 for i, n in enumerate(names)]
+        gate = synthetic.write_gate_checkpoint(work / "gate.safetensors",
+                                               synthetic.random_gate(n_layer, 2, n_embd, seed=3), names)
+        for seed, outtype in zip(seeds, ("f32", "q8_0")):
+            convert_flow(base, loras, gate, seed, outtype=outtype, force=True)
+        shutil.rmtree(work)
     return base, seeds
 
 
@@ -85,7 +94,9 @@ def main() -> None:
     model = llama_cpp.llama_model_load_from_file(str(base).encode(), params)
     if not model:
         sys.exit(f"cannot load {base}")
-    path = Path(tempfile.mkdtemp(prefix="loraflow-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)) / "input.gguf"
+    tmp = tempfile.mkdtemp(prefix="loraflow-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    atexit.register(shutil.rmtree, tmp, True)
+    path = Path(tmp) / "input.gguf"
 
     def one_input(data: bytes) -> None:
         path.write_bytes(data)
@@ -99,8 +110,10 @@ def main() -> None:
         except FormatError:
             pass
 
+    # files given on the command line (a finding) are run once; otherwise the corpus is fuzzed
+    replay = any(not a.startswith("-") for a in sys.argv[1:])
     args = [sys.argv[0], f"-artifact_prefix={findings}/", "-max_len=16384", "-timeout=20", "-rss_limit_mb=3072",
-            *sys.argv[1:], str(corpus)]
+            *sys.argv[1:], *([] if replay else [str(corpus)])]
     atheris.Setup(args, one_input)
     atheris.Fuzz()
 

@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 # test-download-model fixture) and a clone of Hugging Face's vocab repository
 EXCLUDED = ("test-download-model", "test-thread-safety", "test-tokenizers-ggml-vocabs")
 LABEL = "main"
+# tests whose executable is named otherwise
+OTHER_TARGET = {"test-generate-models": "test-llama-archs", "test-tokenizer-1-llama-spm": "test-tokenizer-1-spm"}
 CMAKE_ARGS = [
     "-DCMAKE_BUILD_TYPE=Release",
     "-DLLAMA_BUILD_TESTS=ON",
@@ -40,7 +42,7 @@ CMAKE_ARGS = [
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_MTMD=ON",       # test-mtmd-* link libmtmd
-]
+]  # tools stay on: test-chat links the server's library; only the tests' targets are built
 
 
 def load_build_module():
@@ -74,16 +76,36 @@ def build_tree(native, root: Path, tree: str, jobs: int) -> Path:
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     run(["cmake", "-S", top / "vendor" / "llama.cpp", "-B", build, *generator, *CMAKE_ARGS, *launcher],
         check=True, env=env)
-    run(["cmake", "--build", build, "-j", str(jobs)], check=True, env=env)
+    # only what the selected tests run (not the tools, the server or the unified binary)
+    run(["cmake", "--build", build, "-j", str(jobs), "--target", *test_targets(build)], check=True, env=env)
     return build
+
+
+def ctest_args() -> list[str]:
+    return ["-L", LABEL, "-E", "^(" + "|".join(EXCLUDED) + ")$"]
+
+
+def test_targets(build: Path) -> list[str]:
+    """The executables the selected tests run: for each test, its own target, the longest test
+    target its name starts with (test-tokenizer-0-llama-bpe runs test-tokenizer-0), or OTHER_TARGET."""
+    listing = subprocess.run(["ctest", "--test-dir", str(build), *ctest_args(), "--show-only=json-v1"],
+                             check=True, capture_output=True, text=True).stdout
+    names = [t["name"] for t in json.loads(listing)["tests"]]
+    help_ = subprocess.run(["cmake", "--build", str(build), "--target", "help"], check=True, capture_output=True,
+                           text=True).stdout
+    targets = [line.split(":")[0] for line in help_.splitlines() if line.startswith("test-")]
+    out = set()
+    for name in names:
+        match = [t for t in targets if name == t or name.startswith(t + "-")]
+        out.add(max(match, key=len) if match else OTHER_TARGET[name])
+    return sorted(out)
 
 
 def run_ctest(build: Path, jobs: int) -> dict[str, str]:
     """{test name: "passed" | "failed" | "skipped" | ...} for the offline tests."""
     junit = build / "ctest-results.xml"
     junit.unlink(missing_ok=True)
-    run(["ctest", "--test-dir", build, "-L", LABEL, "-E", "^(" + "|".join(EXCLUDED) + ")$",
-         "--output-on-failure", "--timeout", "1800", "-j", str(jobs), "--output-junit", junit],
+    run(["ctest", "--test-dir", build, *ctest_args(), "--output-on-failure", "--timeout", "1800", "-j", str(jobs), "--output-junit", junit],
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     results = {}
     for case in ET.parse(junit).getroot().iter("testcase"):

@@ -185,6 +185,10 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
     int64_t n_rank = 0;
     for (uint32_t i = 0; i < k; ++i) {
         ad->names.emplace_back(gguf_get_arr_str(g.get(), id_names, i));
+        if (ad->names[i].empty() || std::find(ad->names.begin(), ad->names.end() - 1, ad->names[i]) != ad->names.end() - 1) {
+            throw std::runtime_error(format("%s: adapter names in 'loraflow.adapter.names' must be unique and non-empty ('%s' at %u)",
+                        path.c_str(), ad->names[i].c_str(), i));
+        }
         ranks[i] = ((const uint32_t *) gguf_get_arr_data(g.get(), id_ranks))[i];
         if (ranks[i] < 1 || ranks[i] > LLAMA_FLOW_MAX_RANK) {
             throw std::runtime_error(format("%s: rank %lld of adapter '%s' out of range", path.c_str(), (long long) ranks[i], ad->names[i].c_str()));
@@ -196,7 +200,7 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
     }
     ad->temperature = f.f32("loraflow.gate.temperature");
     if (!std::isfinite(ad->temperature) || ad->temperature <= 0.0f) {
-        throw std::runtime_error(format("%s: gate temperature must be a positive number, got %g", path.c_str(), ad->temperature));
+        throw std::runtime_error(format("%s: 'loraflow.gate.temperature' must be a positive finite number, got %g", path.c_str(), ad->temperature));
     }
 
     // classify and check every tensor against the base model
