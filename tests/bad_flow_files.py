@@ -231,6 +231,12 @@ def make_corpus(good, out_dir, n_layer: int, n_embd: int) -> list[Case]:
         for v in values:
             add_bytes("header", f"{slug}={v:x}", patched(data, off, fmt, v))
 
+    # the largest shape llama.cpp's GGUF reader let through (ne[0] * ne[1] just past INT64_MAX in
+    # ggml's own check): ggml_new_tensor aborted on it before the patch (a fuzz finding)
+    for desc, off, fmt in fields:
+        if desc == f"tensor {a0} ne[0]":
+            add_bytes("header", "flow_a-ne0=int64max-over-R", patched(data, off, fmt, (2**63 - 1) // R))
+
     # type: LoRA tensors and gates in types the format does not allow
     a_data = tensors[a0][0]
     for qt in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_1, QT.BF16, QT.I8, QT.I16, QT.I32, QT.F64):
