@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -205,15 +206,31 @@ class Recipe:
                     "spanish": sum(spanish) / len(rows),
                     "both": sum(e and s for e, s in zip(exact, spanish)) / len(rows),
                     "seconds": rep["seconds"]}
+        # by operation, PyTorch: exact, and whether the right computation "a op b =" was written
+        test = [json.loads(line) for line in (self.data / "test.jsonl").read_text().splitlines()]
+        problems = [re.search(r"(\d+) ([-+*]) (\d+) =", row["response"]).groups() for row in test]
+        by_op = {}
+        for mode in ("static", "dynamic"):
+            rows = json.loads((self.work / "eval" / f"torch-{mode}.json").read_text())["results"]
+            for op in "+-*":
+                mine = [(p, r) for p, r in zip(problems, rows) if p[1] == op]
+                written = [re.search(r"(\d+) ([-+*]) (\d+) =", r["prediction"]) for _, r in mine]
+                by_op[f"{mode}/{op}"] = {
+                    "examples": len(mine),
+                    "exact": sum(extract(r["prediction"]) == r["reference"] for _, r in mine) / len(mine),
+                    "computation": sum(w is not None and w.groups() == p for (p, _), w in zip(mine, written)) / len(mine)}
         static = json.loads((self.work / "gate-static" / "static.json").read_text())["weights"]
         # from the runs' own records (a step can span several invocations): the LoRAs and the
-        # static runs train in parallel, so a step takes as long as its longest run
+        # static runs train in parallel, so a step takes as long as its longest run; the evaluations
+        # run one after another
         self.timings["loras"] = max(json.loads((self.work / f"lora-{n}" / "train.json").read_text())["seconds"]
                                     for n in ADAPTERS)
+        self.timings["eval"] = sum(json.loads(f.read_text())["seconds"] for f in (self.work / "eval").glob("*.json"))
         self.timings["gates"] = json.loads((self.work / "gate-dynamic" / "run.json").read_text())["timings"]["total_s"] + max(
             json.loads((self.work / f"gate-static-lr{lr}" / "run.json").read_text())["timings"]["total_s"]
             for lr in STATIC_LRS)
-        record = {"seed": self.seed, "threads": self.threads, "results": results, "static_weights": static,
+        record = {"seed": self.seed, "threads": self.threads, "results": results, "by_operation": by_op,
+                  "static_weights": static,
                   "timings_s": self.timings}
         (self.work / "results.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -236,9 +253,17 @@ class Recipe:
         lines += ["", f"{n} test problems (seed {rec['seed']}); accuracies in %. Learned task-level static weights "
                   f"(lang, math): {', '.join(f'{x:.3f}' for x in w)}. LoRA-Flow minus the best static fusion "
                   f"({best_static}), PyTorch exact answer: {gap:+.1f} points."]
+        lines += ["", "By operation (PyTorch): exact answer / the right computation written (`a op b =`):", "",
+                  "| operation | test problems | static exact | static computation | LoRA-Flow exact | LoRA-Flow computation |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for op, name in (("+", "addition"), ("-", "subtraction"), ("*", "multiplication")):
+            st, dy = rec["by_operation"][f"static/{op}"], rec["by_operation"][f"dynamic/{op}"]
+            lines.append(f"| {name} | {st['examples']} | {100 * st['exact']:.1f} | {100 * st['computation']:.1f} | "
+                         f"{100 * dy['exact']:.1f} | {100 * dy['computation']:.1f} |")
         t = rec["timings_s"]
         lines += ["", "Time per step on this machine (2 cores): " +
-                  ", ".join(f"{s} {t[s] / 60:.1f} min" for s in STEPS if s in t) + "."]
+                  ", ".join(f"{s} {t[s] / 60:.1f} min" if t[s] >= 60 else f"{s} {t[s]:.0f} s"
+                            for s in STEPS if s in t) + "."]
         return "\n".join(lines)
 
     def write_docs(self) -> None:
