@@ -146,11 +146,11 @@ def xlora_model(base: Path, peft_dirs: list[str]):
     """PEFT's X-LoRA over the k PEFT LoRA folders, fp32, with its classifier as initialised
     (untrained: fine for speed). X-LoRA refuses a model config with use_cache on, and its
     scaling pass and real pass would both append to one KV cache, so it decodes without one."""
-    import torch
-    import transformers
     from peft import XLoraConfig, get_peft_model
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(base.parent), gguf_file=base.name, dtype=torch.float32)
+    from loraflow.gate_training.load import load_model
+
+    hf = load_model(base)
     hf.config.use_cache = False
     # X-LoRA loads adapter i under the name str(i), and activates the keys of `adapters`
     config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=hf.config.hidden_size,
@@ -184,16 +184,13 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int) -> di
         result = time_llama(llm, reps)
     elif config == "torch":
         import torch
-        import transformers
 
+        from loraflow.gate_training.load import load_model
         from loraflow.gate_training.model import FlowModel
         from loraflow.peft_io import read_peft_adapter
 
         torch.set_num_threads(threads)
-        path = Path(base)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                               dtype=torch.float32)
-        model = FlowModel(hf, [read_peft_adapter(p) for p in inputs["peft"]], inputs["names"])
+        model = FlowModel(load_model(base), [read_peft_adapter(p) for p in inputs["peft"]], inputs["names"])
         model.load_gate(inputs["gate"])
         result = time_torch(model, reps)
     elif config == "xlora":

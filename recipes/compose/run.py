@@ -38,10 +38,13 @@ ADAPTERS = ["lang", "math"]
 METHODS = [("base model", "off"), ("Spanish LoRA alone", "single:lang"), ("math LoRA alone", "single:math"),
            ("average (1/2, 1/2)", "average"), ("task-level static (learned)", "static"),
            ("LoRA-Flow (dynamic gates)", "dynamic")]
+BACKENDS = ("torch", "runtime")
 MAX_TOKENS = 40
 # exact answer: the number right after the first "=" is the result (the answer must show the
 # computation; a right number elsewhere in a rambling answer does not count)
 EXTRACT = r"regex:=\s*(-?\d+)"
+# the computation an answer writes out: "a op b ="
+COMPUTATION = re.compile(r"(\d+) ([-+*]) (\d+) =")
 STATIC_LRS = (0.01, 0.1)
 BEGIN, END = "<!-- compose:begin -->", "<!-- compose:end -->"
 
@@ -78,7 +81,8 @@ class Recipe:
             "data": [self.data],
             "base": [self.work / "base-hf.txt"],
             "loras": [self.work / f"lora-{n}" for n in ADAPTERS],
-            "gates": [self.work / "gate-dynamic", self.work / "gate-static"],
+            "gates": [self.work / "gate-dynamic", self.work / "gate-static",
+                      *(self.work / f"gate-static-lr{lr}" for lr in STATIC_LRS)],
             "convert": [self.flow],
             "eval": [self.work / "eval"],
             "report": [self.work / "results.json"],
@@ -165,6 +169,9 @@ class Recipe:
              "--gate", str(self.work / "gate-dynamic" / "gate.safetensors"), "--outtype", "f16",
              "-o", str(self.flow), "--force"], self.log)
 
+    def eval_path(self, backend: str, mode: str, folder: str = "eval") -> Path:
+        return self.work / folder / f"{backend}-{mode.replace(':', '-')}.json"
+
     def eval_cmd(self, backend: str, mode: str, out: Path) -> list[str]:
         cmd = [bin_path("loraflow"), "eval", "--backend", backend, "--mode", mode,
                "--data", str(self.data / "test.jsonl"), "--extract", EXTRACT,
@@ -182,9 +189,9 @@ class Recipe:
     def step_eval(self):
         tmp = self.work / "eval.tmp"
         tmp.mkdir(exist_ok=True)
-        for backend in ("torch", "runtime"):
+        for backend in BACKENDS:
             for _, mode in METHODS:
-                out = tmp / f"{backend}-{mode.replace(':', '-')}.json"
+                out = self.eval_path(backend, mode, "eval.tmp")
                 if not out.exists():
                     run(self.eval_cmd(backend, mode, out), self.log)
         tmp.rename(self.work / "eval")
@@ -193,11 +200,12 @@ class Recipe:
         from loraflow.gate_training.evaluate import make_extractor
 
         extract = make_extractor(EXTRACT)      # the eval's own rule, re-applied: scores stay EXTRACT's
+        reports = {(backend, mode): json.loads(self.eval_path(backend, mode).read_text())
+                   for backend in BACKENDS for _, mode in METHODS}
         results = {}
-        for backend in ("torch", "runtime"):
+        for backend in BACKENDS:
             for label, mode in METHODS:
-                rep = json.loads((self.work / "eval" / f"{backend}-{mode.replace(':', '-')}.json").read_text())
-                rows = rep["results"]
+                rows = reports[backend, mode]["results"]
                 spanish = [compose_data.is_spanish(r["prediction"]) for r in rows]
                 exact = [extract(r["prediction"]) == r["reference"] for r in rows]
                 results[f"{backend}/{mode}"] = {
@@ -205,16 +213,16 @@ class Recipe:
                     "exact": sum(exact) / len(rows),
                     "spanish": sum(spanish) / len(rows),
                     "both": sum(e and s for e, s in zip(exact, spanish)) / len(rows),
-                    "seconds": rep["seconds"]}
+                    "seconds": reports[backend, mode]["seconds"]}
         # by operation, PyTorch: exact, and whether the right computation "a op b =" was written
         test = [json.loads(line) for line in (self.data / "test.jsonl").read_text().splitlines()]
-        problems = [re.search(r"(\d+) ([-+*]) (\d+) =", row["response"]).groups() for row in test]
+        problems = [COMPUTATION.search(row["response"]).groups() for row in test]
         by_op = {}
         for mode in ("static", "dynamic"):
-            rows = json.loads((self.work / "eval" / f"torch-{mode}.json").read_text())["results"]
+            rows = reports["torch", mode]["results"]
             for op in "+-*":
                 mine = [(p, r) for p, r in zip(problems, rows) if p[1] == op]
-                written = [re.search(r"(\d+) ([-+*]) (\d+) =", r["prediction"]) for _, r in mine]
+                written = [COMPUTATION.search(r["prediction"]) for _, r in mine]
                 by_op[f"{mode}/{op}"] = {
                     "examples": len(mine),
                     "exact": sum(extract(r["prediction"]) == r["reference"] for _, r in mine) / len(mine),
@@ -225,7 +233,7 @@ class Recipe:
         # run one after another
         self.timings["loras"] = max(json.loads((self.work / f"lora-{n}" / "train.json").read_text())["seconds"]
                                     for n in ADAPTERS)
-        self.timings["eval"] = sum(json.loads(f.read_text())["seconds"] for f in (self.work / "eval").glob("*.json"))
+        self.timings["eval"] = sum(rep["seconds"] for rep in reports.values())
         self.timings["gates"] = json.loads((self.work / "gate-dynamic" / "run.json").read_text())["timings"]["total_s"] + max(
             json.loads((self.work / f"gate-static-lr{lr}" / "run.json").read_text())["timings"]["total_s"]
             for lr in STATIC_LRS)
