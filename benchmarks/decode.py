@@ -5,18 +5,23 @@
 
 Every configuration runs in its own subprocess (so peak RSS is its own) on the same base
 model file: the bare base (stock llama.cpp API), k static LoRAs through stock
-`llama_set_adapters_lora`, the flow adapter in `dynamic` and `static` modes, the PyTorch
+`llama_set_adapters_lora` on the released llama-cpp-python (`stock_static`: built unpatched
+by runtime/native/build.py --released, the first run takes minutes) and on loraflow's patched
+build (`stock_static_patched`), the flow adapter in `dynamic` and `static` modes, the PyTorch
 model of the method (fp32, same LoRAs and gate), and PEFT's X-LoRA over the same LoRAs (fp32,
 untrained classifier; a second forward pass per call, and no KV cache, as in PEFT's own
 X-LoRA generate). Reported: prefill tokens/s (128 and 512
-tokens), decode tokens/s (128 tokens after a 64-token prompt), medians of --reps rounds (configurations interleaved), peak
-RSS, file sizes; a markdown table of ratios against stock static multi-LoRA, and JSON.
+tokens), decode tokens/s (128 tokens after a 64-token prompt), medians of --reps rounds
+(configurations interleaved), peak RSS, file sizes; a markdown table of ratios against stock
+static multi-LoRA (the ratio of the medians, and the range of the per-round ratios), and JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -32,6 +37,12 @@ from loraflow.models import cache_dir, default_model_path
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFILL = (128, 512)
 DECODE_PROMPT, DECODE_TOKENS = 64, 128
+REPO = Path(__file__).resolve().parent.parent
+# configurations that run on the released llama-cpp-python instead of loraflow's patched build
+ON_RELEASED = {"stock_static"}
+SCALING_LINES = {"stock_static": "stock llama.cpp, k static LoRAs",
+                 "stock_static_patched": "the same, on loraflow's patched build",
+                 "flow_dynamic": "LoRA-Flow dynamic"}
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -79,6 +90,19 @@ def prepare(base: Path, k: int, rank: int, outtype: str) -> dict:
         convert_flow(base, list(zip(names, map(str, peft_dirs))), gate, flow, outtype=outtype)
     return dict(names=names, peft=[str(p) for p in peft_dirs], stock=[str(p) for p in stock], gate=str(gate),
                 flow=str(flow))
+
+
+def released_site() -> Path:
+    """A folder holding the released (unpatched) llama-cpp-python, for PYTHONPATH."""
+    spec = importlib.util.spec_from_file_location("loraflow_native_build", REPO / "runtime" / "native" / "build.py")
+    native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native)
+    wheel = native.released_wheel()
+    site = cache_dir("bench", "released-" + wheel.parent.name)
+    if not (site / "llama_cpp").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                       check=True)
+    return site
 
 
 # -- one configuration (runs in a subprocess) ------------------------------------------------
@@ -164,10 +188,15 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int) -> di
         import llama_cpp
 
         result = time_llama(llama_cpp.Llama(base, **kw), reps)
-    elif config == "stock_static":
+    elif config in ("stock_static", "stock_static_patched"):
         import ctypes
 
         import llama_cpp
+
+        # fail loudly rather than time the wrong library
+        patched = hasattr(llama_cpp.llama_cpp._lib, "llama_flow_adapter_init")
+        if patched != (config == "stock_static_patched"):
+            raise SystemExit(f"{config}: loaded {llama_cpp.__file__}, which is {'' if patched else 'not '}patched")
 
         llm = llama_cpp.Llama(base, **kw)
         adapters = [llama_cpp.llama_adapter_lora_init(llm.model, p.encode()) for p in inputs["stock"]]
@@ -207,33 +236,44 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int) -> di
 def measure_once(config: str, base: Path, inputs: dict, threads: int) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.decode", "--one", config, "--base", str(base), "--inputs",
            json.dumps(inputs), "--threads", str(threads), "--reps", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    if config in ON_RELEASED:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(released_site()), env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(configs: list[str], base: Path, inputs: dict, threads: int, reps: int) -> dict:
-    """Medians over `reps` rounds; each round runs every configuration once, in turn, so a
-    change in the machine's load falls on all of them alike."""
+def measure(configs: list[str], base: Path, inputs: dict, threads: int, reps: int) -> dict[str, list[dict]]:
+    """Every round's result per configuration; each round runs every configuration once, in
+    turn, so a change in the machine's load falls on all of them alike."""
     runs = {c: [] for c in configs}
     for rep in range(reps):
         for c in configs:
             runs[c].append(measure_once(c, base, inputs, threads))
             print(f"  round {rep + 1}/{reps} {c}: decode {runs[c][-1]['decode']:.1f} tok/s", flush=True)
+    return runs
+
+
+def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return {c: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for c, rs in runs.items()}
 
 
 # -- reports ----------------------------------------------------------------------------------
 
-def table(results: dict, ref: str) -> str:
+def table(runs: dict[str, list[dict]], ref: str) -> str:
+    """Medians, their ratios against `ref`, and the range of the same-round decode ratios."""
+    results = medians(runs)
     cols = [f"prefill{n}" for n in PREFILL] + ["decode"]
     lines = ["| configuration | " + " | ".join(f"{c} tok/s" for c in cols) + " | " +
-             " | ".join(f"{c} vs {ref}" for c in cols) + " | peak RSS MB |",
-             "|---" * (2 * len(cols) + 2) + "|"]
+             " | ".join(f"{c} vs {ref}" for c in cols) + " | decode vs ref, rounds | peak RSS MB |",
+             "|---" * (2 * len(cols) + 3) + "|"]
     for name, r in results.items():
+        per_round = [a["decode"] / b["decode"] for a, b in zip(runs[name], runs[ref])]
         lines.append(f"| {name} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " | " +
-                     " | ".join(f"{r[c] / results[ref][c]:.2f}x" for c in cols) + f" | {r['peak_rss_mb']:.0f} |")
+                     " | ".join(f"{r[c] / results[ref][c]:.2f}x" for c in cols) +
+                     f" | {min(per_round):.2f}-{max(per_round):.2f}x | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -244,9 +284,10 @@ def main() -> int:
     ap.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"],
                     help="LoRA tensor type, the same for the flow file and the stock LoRAs")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--configs", default="base,stock_static,flow_dynamic,flow_static,torch,xlora")
-    ap.add_argument("--scaling", action="store_true", help="k = 1, 2, 4, 8 decode: stock static vs flow dynamic")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--configs", default="base,stock_static,stock_static_patched,flow_dynamic,flow_static,torch,xlora")
+    ap.add_argument("--scaling", action="store_true",
+                    help="k = 1, 2, 4, 8 decode: stock static (released and patched build) vs flow dynamic")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -265,8 +306,8 @@ def main() -> int:
         for k in (1, 2, 4, 8):
             inputs = prepare(base, k, args.rank, args.outtype)
             print(f"k = {k}")
-            rows[k] = {c: r["decode"] for c, r in
-                       measure(["stock_static", "flow_dynamic"], base, inputs, args.threads, args.reps).items()}
+            runs = measure(list(SCALING_LINES), base, inputs, args.threads, args.reps)
+            rows[k] = {c: r["decode"] for c, r in medians(runs).items()}
         (out / "scaling.json").write_text(json.dumps(rows, indent=2))
         import matplotlib
 
@@ -275,8 +316,8 @@ def main() -> int:
 
         ks = sorted(rows)
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(ks, [rows[k]["stock_static"] for k in ks], "o-", label="stock llama.cpp, k static LoRAs")
-        ax.plot(ks, [rows[k]["flow_dynamic"] for k in ks], "o-", label="LoRA-Flow dynamic")
+        for config, label in SCALING_LINES.items():
+            ax.plot(ks, [rows[k][config] for k in ks], "o-", label=label)
         ax.set_xlabel("k (LoRAs)")
         ax.set_ylabel("decode tokens/s")
         ax.set_xticks(ks)
@@ -284,20 +325,24 @@ def main() -> int:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "scaling.png", dpi=120)
-        print("\n".join(f"k={k}: flow/stock = {rows[k]['flow_dynamic'] / rows[k]['stock_static']:.2f}x" for k in ks))
+        print("\n".join(f"k={k}: flow/stock = {rows[k]['flow_dynamic'] / rows[k]['stock_static']:.2f}x, "
+                        f"flow/stock on the patched build = "
+                        f"{rows[k]['flow_dynamic'] / rows[k]['stock_static_patched']:.2f}x" for k in ks))
         return 0
 
     inputs = prepare(base, args.k, args.rank, args.outtype)
     sizes = {"base": base.stat().st_size, "flow": Path(inputs["flow"]).stat().st_size,
              "stock": sum(Path(p).stat().st_size for p in inputs["stock"])}
     print(f"{base.name}: k={args.k}, rank {args.rank}, LoRA tensors {args.outtype}, {args.threads} threads")
-    results = measure(args.configs.split(","), base, inputs, args.threads, args.reps)
+    runs = measure(args.configs.split(","), base, inputs, args.threads, args.reps)
+    results = medians(runs)
     # ratios against stock static multi-LoRA, or the first configuration when it was left out
-    report = table(results, "stock_static" if "stock_static" in results else next(iter(results)))
+    report = table(runs, "stock_static" if "stock_static" in runs else next(iter(runs)))
     print("\n" + report)
     print(f"\nfiles: base {sizes['base'] / 2**20:.1f} MiB, flow {sizes['flow'] / 2**20:.2f} MiB, "
           f"stock LoRAs {sizes['stock'] / 2**20:.2f} MiB")
-    (out / "decode.json").write_text(json.dumps(dict(settings=vars(args), sizes=sizes, results=results), indent=2))
+    (out / "decode.json").write_text(json.dumps(dict(settings=vars(args), sizes=sizes, results=results, rounds=runs),
+                                                indent=2))
     (out / "decode.md").write_text(report + "\n")
     return 0
 

@@ -185,3 +185,30 @@ def test_single_matches_stock_lora(flow_setup, arch_setup):
         ref = np.array(stock.scores[:N_TOKENS])
         stock.close()
         assert rel_err(ours, ref) < TOL, f"single:{name} differs from stock llama.cpp by {rel_err(ours, ref):.2e}"
+
+
+def test_f16_lora_tensors_token_by_token(flow_setup, arch_setup):
+    """F16 LoRA tensors (the converter's default) token by token: each LoRA B row is k * rank
+    long (16 or 24 here), shorter than one SIMD step of ggml's F16 dot, which the patch
+    vectorizes; against the PyTorch model and against the F32 file."""
+    from loraflow.converter.flow import convert_flow
+    from loraflow.runtime import FlowLlama
+
+    names, tokens, model = flow_setup["names"], flow_setup["tokens"], flow_setup["model"]
+    work = arch_setup["work"]
+    gate = work / f"gate{flow_setup['k']}"
+    f16 = convert_flow(arch_setup["tm"].gguf, [(n, arch_setup["loras"][n]) for n in names], gate,
+                       work / f"flow{flow_setup['k']}-f16.gguf", outtype="f16")
+    model.set_mode("dynamic")
+    ref = torch_logits(model, tokens)
+    flow_setup["llm"].set_mode("dynamic")
+    f32_run = runtime_token_by_token(flow_setup["llm"], tokens)
+    llm = FlowLlama(str(arch_setup["tm"].gguf), flow_path=str(f16), **RUNTIME)
+    try:
+        f16_run = runtime_token_by_token(llm, tokens)
+    finally:
+        llm.close()
+    print(f"[parity] {flow_setup['arch']} k={flow_setup['k']} F16 LoRAs token by token: {rel_err(f16_run, ref):.1e} "
+          f"against torch, {rel_err(f16_run, f32_run):.1e} against the F32 file")
+    assert rel_err(f16_run, ref) < TOL
+    assert rel_err(f16_run, f32_run) < TOL

@@ -108,11 +108,31 @@ def build_wheel(root: Path, top: Path, out: Path, user_cmake_args: str, jobs: in
     return wheel
 
 
+def released_wheel(jobs: int | None = None) -> Path:
+    """llama-cpp-python as released, without our sources or patch, built the same way and cached
+    (not installed): the benchmarks' stock llama.cpp. Its own root, so the patched source tree
+    that the converters read is left alone."""
+    user_cmake_args = os.environ.get("CMAKE_ARGS", "")
+    root = cache_root() / "released"
+    out = root / f"wheel-{LLAMA_CPP_PYTHON_VERSION}-{hashlib.sha256(user_cmake_args.encode()).hexdigest()[:8]}"
+    if not out.exists():
+        print(f"loraflow: building released llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (several minutes)", flush=True)
+        top = prepare_source(root, fetch_sdist(cache_root()), patched=False)
+        build_wheel(root, top, out, user_cmake_args, jobs)
+    (wheel,) = out.glob("llama_cpp_python-*.whl")
+    return wheel
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached wheel exists")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compile jobs")
+    ap.add_argument("--released", action="store_true",
+                    help="only build (cached) the unpatched release's wheel and print its path; install nothing")
     args = ap.parse_args()
+    if args.released:
+        print(released_wheel(args.jobs))
+        return 0
 
     user_cmake_args = os.environ.get("CMAKE_ARGS", "")
     root = cache_root()
