@@ -13,7 +13,7 @@ untrained classifier; a second forward pass per call, and no KV cache, as in PEF
 X-LoRA generate). Reported: prefill tokens/s (128 and 512
 tokens), decode tokens/s (128 tokens after a 64-token prompt), medians of --reps rounds
 (configurations interleaved), peak RSS, file sizes; a markdown table of ratios against stock
-static multi-LoRA (the ratio of the medians, and the range of the per-round ratios), and JSON.
+static multi-LoRA (each round's ratio, their median and range), and JSON.
 """
 
 from __future__ import annotations
@@ -233,13 +233,22 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int) -> di
     return result
 
 
-def measure_once(config: str, base: Path, inputs: dict, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.decode", "--one", config, "--base", str(base), "--inputs",
-           json.dumps(inputs), "--threads", str(threads), "--reps", "1"]
+def config_env(config: str) -> dict:
+    """The environment of a configuration's subprocess: the released llama-cpp-python first on
+    the path for the stock configurations."""
     env = dict(os.environ)
     if config in ON_RELEASED:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(released_site()), env.get("PYTHONPATH")]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    return env
+
+
+def measure_once(config: str, base: Path, inputs: dict, threads: int) -> dict:
+    # llama.cpp configurations take about a second per timing: the median of 3 in each process
+    # damps this shared machine's short stalls; the PyTorch ones are too slow for that
+    inner = 1 if config in ("torch", "xlora") else 3
+    cmd = [sys.executable, "-m", "benchmarks.decode", "--one", config, "--base", str(base), "--inputs",
+           json.dumps(inputs), "--threads", str(threads), "--reps", str(inner)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=config_env(config))
     if proc.returncode != 0:
         raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -262,18 +271,26 @@ def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 # -- reports ----------------------------------------------------------------------------------
 
+def round_ratios(runs: dict[str, list[dict]], name: str, ref: str, key: str = "decode") -> list[float]:
+    """`name` against `ref` in each round: the two ran next to each other, under the same load."""
+    return [a[key] / b[key] for a, b in zip(runs[name], runs[ref])]
+
+
 def table(runs: dict[str, list[dict]], ref: str) -> str:
-    """Medians, their ratios against `ref`, and the range of the same-round decode ratios."""
-    results = medians(runs)
+    """tok/s as "median / best round" (on a shared machine the best round is the one least
+    disturbed by others, as Python's timeit advises); ratios against `ref` as the median of the
+    same-round ratios, with their range."""
     cols = [f"prefill{n}" for n in PREFILL] + ["decode"]
+    med = medians(runs)
     lines = ["| configuration | " + " | ".join(f"{c} tok/s" for c in cols) + " | " +
-             " | ".join(f"{c} vs {ref}" for c in cols) + " | decode vs ref, rounds | peak RSS MB |",
-             "|---" * (2 * len(cols) + 3) + "|"]
-    for name, r in results.items():
-        per_round = [a["decode"] / b["decode"] for a, b in zip(runs[name], runs[ref])]
-        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " | " +
-                     " | ".join(f"{r[c] / results[ref][c]:.2f}x" for c in cols) +
-                     f" | {min(per_round):.2f}-{max(per_round):.2f}x | {r['peak_rss_mb']:.0f} |")
+             " | ".join(f"{c} vs {ref}" for c in cols) + " | peak RSS MB |",
+             "|---" * (2 * len(cols) + 2) + "|"]
+    for name in runs:
+        ratios = [round_ratios(runs, name, ref, c) for c in cols]
+        lines.append(f"| {name} | " +
+                     " | ".join(f"{med[name][c]:.1f} / {max(r[c] for r in runs[name]):.1f}" for c in cols) + " | " +
+                     " | ".join(f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" for r in ratios) +
+                     f" | {med[name]['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -302,13 +319,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.scaling:
-        rows = {}
+        rows, runs = {}, {}
         for k in (1, 2, 4, 8):
             inputs = prepare(base, k, args.rank, args.outtype)
             print(f"k = {k}")
-            runs = measure(list(SCALING_LINES), base, inputs, args.threads, args.reps)
-            rows[k] = {c: r["decode"] for c, r in medians(runs).items()}
-        (out / "scaling.json").write_text(json.dumps(rows, indent=2))
+            runs[k] = measure(list(SCALING_LINES), base, inputs, args.threads, args.reps)
+            rows[k] = {c: r["decode"] for c, r in medians(runs[k]).items()}
+        (out / "scaling.json").write_text(json.dumps(dict(medians=rows, rounds=runs), indent=2))
         import matplotlib
 
         matplotlib.use("Agg")
@@ -325,9 +342,10 @@ def main() -> int:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "scaling.png", dpi=120)
-        print("\n".join(f"k={k}: flow/stock = {rows[k]['flow_dynamic'] / rows[k]['stock_static']:.2f}x, "
-                        f"flow/stock on the patched build = "
-                        f"{rows[k]['flow_dynamic'] / rows[k]['stock_static_patched']:.2f}x" for k in ks))
+        for k in ks:
+            for ref in ("stock_static", "stock_static_patched"):
+                r = round_ratios(runs[k], "flow_dynamic", ref)
+                print(f"k={k}: flow_dynamic / {ref} = {statistics.median(r):.2f}x (rounds {min(r):.2f}-{max(r):.2f})")
         return 0
 
     inputs = prepare(base, args.k, args.rank, args.outtype)

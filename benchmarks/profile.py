@@ -1,6 +1,6 @@
 """Where decode time goes: Linux `perf` over the decode loop of each configuration.
 
-    python -m benchmarks.profile [--configs base,stock_static_patched,flow_dynamic] [--tokens 512]
+    python -m benchmarks.profile [--configs base,stock_static,stock_static_patched,flow_dynamic] [--tokens 512]
 
 Each configuration decodes --tokens tokens (after a 64-token prompt, 3 timed runs and a
 warm-up, as in benchmarks.decode) in its own process under `perf record`; the samples are
@@ -45,10 +45,10 @@ def group_of(dso: str, sym: str) -> str:
 def profile(config: str, tokens: int, inputs: dict, threads: int, work: Path) -> dict[str, float]:
     """CPU microseconds per decoded token, by group."""
     data = work / f"{config}.data"
-    env_py = [sys.executable, "-m", "benchmarks.profile", "--one", config, "--inputs", json.dumps(inputs),
+    cmd = [sys.executable, "-m", "benchmarks.profile", "--one", config, "--inputs", json.dumps(inputs),
               "--threads", str(threads), "--tokens", str(tokens)]
-    subprocess.run(["perf", "record", "-q", "-F", str(FREQ), "-o", str(data), "--", *env_py], check=True,
-                   cwd=decode.REPO, capture_output=True)
+    subprocess.run(["perf", "record", "-q", "-F", str(FREQ), "-o", str(data), "--", *cmd], check=True,
+                   cwd=decode.REPO, capture_output=True, env=decode.config_env(config))
     report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,sym",
                              "--field-separator", "\t", "-F", "sample,dso,sym", "--stdio"],
                             check=True, capture_output=True, text=True).stdout
@@ -65,7 +65,7 @@ def profile(config: str, tokens: int, inputs: dict, threads: int, work: Path) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="base,stock_static_patched,flow_dynamic")
+    ap.add_argument("--configs", default="base,stock_static,stock_static_patched,flow_dynamic")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--k", type=int, default=2)
@@ -84,8 +84,6 @@ def main() -> int:
     if not shutil.which("perf"):
         raise SystemExit("benchmarks.profile needs Linux `perf` on PATH")
     configs = args.configs.split(",")
-    if any(c in decode.ON_RELEASED for c in configs):
-        raise SystemExit(f"profile the patched build's configurations only (not {', '.join(decode.ON_RELEASED)})")
     inputs = decode.prepare(base, args.k, args.rank, args.outtype)
     with tempfile.TemporaryDirectory() as tmp:
         prof = {c: profile(c, args.tokens, inputs, args.threads, Path(tmp)) for c in configs}
