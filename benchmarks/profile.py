@@ -46,7 +46,7 @@ def profile(config: str, tokens: int, inputs: dict, threads: int, work: Path) ->
     """CPU microseconds per decoded token, by group."""
     data = work / f"{config}.data"
     cmd = [sys.executable, "-m", "benchmarks.profile", "--one", config, "--inputs", json.dumps(inputs),
-              "--threads", str(threads), "--tokens", str(tokens)]
+           "--threads", str(threads), "--tokens", str(tokens)]
     subprocess.run(["perf", "record", "-q", "-F", str(FREQ), "-o", str(data), "--", *cmd], check=True,
                    cwd=decode.REPO, capture_output=True, env=decode.config_env(config))
     report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,sym",

@@ -1,6 +1,7 @@
 """Build and install the patched llama-cpp-python that loraflow's runtime needs.
 
     python runtime/native/build.py [--force] [--jobs N]
+    python runtime/native/build.py --released    # the unpatched release's wheel (benchmarks)
 
 Downloads the pinned llama-cpp-python source distribution from the package index,
 copies our sources (runtime/native/src) into its vendored llama.cpp, applies
