@@ -19,6 +19,7 @@ static multi-LoRA (each round's ratio, their median and range), and JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -92,6 +93,7 @@ def prepare(base: Path, k: int, rank: int, outtype: str) -> dict:
                 flow=str(flow))
 
 
+@functools.cache
 def released_site() -> Path:
     """A folder holding the released (unpatched) llama-cpp-python, for PYTHONPATH."""
     spec = importlib.util.spec_from_file_location("loraflow_native_build", REPO / "runtime" / "native" / "build.py")

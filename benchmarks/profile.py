@@ -2,8 +2,8 @@
 
     python -m benchmarks.profile [--configs base,stock_static,stock_static_patched,flow_dynamic] [--tokens 512]
 
-Each configuration decodes --tokens tokens (after a 64-token prompt, 3 timed runs and a
-warm-up, as in benchmarks.decode) in its own process under `perf record`; the samples are
+Each configuration decodes --tokens tokens (after a 64-token prompt; TIMINGS timed runs and
+a warm-up, as in benchmarks.decode) in its own process under `perf record`; the samples are
 grouped by the kernel they fall in and turned into CPU microseconds per decoded token, with
 the difference to the first configuration. Prefill is not profiled. Needs `perf` (Linux).
 """
@@ -22,6 +22,7 @@ from benchmarks import decode
 from loraflow.models import default_model_path
 
 FREQ = 4000  # samples per CPU-second
+TIMINGS = 3  # timed decode runs per configuration, after one warm-up (decode.median_seconds)
 # symbol -> what it is; the first match wins, everything else is "other"
 GROUPS = (
     ("ggml_vec_dot_q4_1_q8_1", "base weights (Q4_1 dot)"),
@@ -52,7 +53,7 @@ def profile(config: str, tokens: int, inputs: dict, threads: int, work: Path) ->
     report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,sym",
                              "--field-separator", "\t", "-F", "sample,dso,sym", "--stdio"],
                             check=True, capture_output=True, text=True).stdout
-    decoded = 4 * tokens  # one warm-up and 3 timed runs (decode.median_seconds)
+    decoded = (TIMINGS + 1) * tokens
     out: dict[str, float] = {}
     for line in report.splitlines():
         parts = line.strip().split("\t")
@@ -78,7 +79,7 @@ def main() -> int:
 
     if args.one:  # inside perf: decode only
         decode.PREFILL, decode.DECODE_TOKENS = (), args.tokens
-        print(json.dumps(decode.run_one(args.one, str(base), json.loads(args.inputs), args.threads, 3)))
+        print(json.dumps(decode.run_one(args.one, str(base), json.loads(args.inputs), args.threads, TIMINGS)))
         return 0
 
     if not shutil.which("perf"):

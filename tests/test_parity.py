@@ -67,7 +67,8 @@ def flow_setup(request, arch_setup):
     hf = AutoModelForCausalLM.from_pretrained(str(tm.hf_dir), dtype=torch.float32)
     model = FlowModel(hf, [read_peft_adapter(arch_setup["loras"][n]) for n in names], names)
     model.load_gate(gate)
-    yield dict(llm=llm, model=model, names=names, tokens=arch_setup["tokens"], k=k, n_layer=tm.n_layer, arch=tm.arch)
+    yield dict(llm=llm, model=model, names=names, tokens=arch_setup["tokens"], k=k, n_layer=tm.n_layer, arch=tm.arch,
+               gate=gate)
     llm.close()
 
 
@@ -195,10 +196,8 @@ def test_f16_lora_tensors_token_by_token(flow_setup, arch_setup):
     from loraflow.runtime import FlowLlama
 
     names, tokens, model = flow_setup["names"], flow_setup["tokens"], flow_setup["model"]
-    work = arch_setup["work"]
-    gate = work / f"gate{flow_setup['k']}"
-    f16 = convert_flow(arch_setup["tm"].gguf, [(n, arch_setup["loras"][n]) for n in names], gate,
-                       work / f"flow{flow_setup['k']}-f16.gguf", outtype="f16")
+    f16 = convert_flow(arch_setup["tm"].gguf, [(n, arch_setup["loras"][n]) for n in names], flow_setup["gate"],
+                       arch_setup["work"] / f"flow{flow_setup['k']}-f16.gguf", outtype="f16")
     model.set_mode("dynamic")
     ref = torch_logits(model, tokens)
     flow_setup["llm"].set_mode("dynamic")

@@ -54,6 +54,11 @@ def build_key(user_cmake_args: str) -> str:
     return h.hexdigest()[:16]
 
 
+def cmake_args_key(user_cmake_args: str) -> str:
+    """The CMAKE_ARGS part of a build or wheel folder's name."""
+    return hashlib.sha256(user_cmake_args.encode()).hexdigest()[:8]
+
+
 def run(cmd: list[str], **kw) -> None:
     print("+", " ".join(str(c) for c in cmd), flush=True)
     subprocess.run(cmd, check=True, **kw)
@@ -99,7 +104,7 @@ def build_wheel(root: Path, top: Path, out: Path, user_cmake_args: str, jobs: in
         env["CMAKE_ARGS"] += " -DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
     if jobs:
         env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs)
-    build_dir = root / f"build-{LLAMA_CPP_PYTHON_VERSION}-{hashlib.sha256(user_cmake_args.encode()).hexdigest()[:8]}"
+    build_dir = root / f"build-{LLAMA_CPP_PYTHON_VERSION}-{cmake_args_key(user_cmake_args)}"
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp),
@@ -115,7 +120,7 @@ def released_wheel(jobs: int | None = None) -> Path:
     that the converters read is left alone."""
     user_cmake_args = os.environ.get("CMAKE_ARGS", "")
     root = cache_root() / "released"
-    out = root / f"wheel-{LLAMA_CPP_PYTHON_VERSION}-{hashlib.sha256(user_cmake_args.encode()).hexdigest()[:8]}"
+    out = root / f"wheel-{LLAMA_CPP_PYTHON_VERSION}-{cmake_args_key(user_cmake_args)}"
     if not out.exists():
         print(f"loraflow: building released llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (several minutes)", flush=True)
         top = prepare_source(root, fetch_sdist(cache_root()), patched=False)
