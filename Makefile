@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo compose fuzz upstream-tests clean-native
+.PHONY: install test demo compose fuzz upstream-tests check-arch clean-native
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ fuzz: install
 # llama.cpp's own offline ctest suite, released vs patched source (slow: two builds; not part of `make test`)
 upstream-tests:
 	$(PY) tests/upstream/run_ctest.py
+
+# does LoRA-Flow run these Hugging Face model_types exactly? make check-arch ARCH="starcoder2 cohere"
+check-arch: install
+	$(PY) tests/check_arch.py $(ARCH)
 
 clean-native:
 	rm -rf $${LORAFLOW_CACHE:-$$HOME/.cache/loraflow}/native

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import importlib.util
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from loraflow.converter.base_info import hf_arch, read_hf_config
+from loraflow.converter.base_info import hf_gguf_arch, read_hf_config
 from loraflow.converter.output import atomic_output, check_output, temp_path
 from loraflow.errors import ConversionError
 from loraflow.llama_source import CONVERT_SCRIPT, llama_cpp_source_dir
@@ -55,11 +54,8 @@ def convert_base(hf_dir, out, outtype: str = "f16", force: bool = False, progres
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir}: not a Hugging Face model folder")
     config = read_hf_config(hf_dir)
-    hf_arch(config, hf_dir)  # refuse what the flow converter would refuse later
+    hf_gguf_arch(config, hf_dir)  # refuse what the flow converter would refuse later
     check_output(out, force, [hf_dir])
-    if importlib.util.find_spec("torch") is None:
-        raise ConversionError("converting a Hugging Face model needs torch: pip install 'loraflow[train]' "
-                              "(install the CPU build of torch first)")
     script = llama_cpp_source_dir() / CONVERT_SCRIPT
     if outtype in QUANTIZE_FTYPES:
         _quantize_api()  # fail before the long conversion if the API is missing

@@ -8,6 +8,7 @@ folder and renamed into place, so a failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import gguf
@@ -16,6 +17,7 @@ import numpy as np
 from loraflow import schema
 from loraflow.converter.base_info import BaseInfo, read_base_info
 from loraflow.converter.gates import GateCheckpoint, read_gate
+from loraflow.converter.lora_layout import lora_layout
 from loraflow.converter.output import atomic_output, check_output
 from loraflow.errors import ConversionError
 from loraflow.peft_io import PeftAdapter, read_peft_adapter
@@ -27,16 +29,6 @@ OUTTYPES = {
     "f16": gguf.GGMLQuantizationType.F16,
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
 }
-
-
-def llama_qk_permutation(n_rows: int, n_head: int) -> np.ndarray:
-    """Row order llama.cpp's converter gives q_proj/k_proj for arch llama: per head, the two RoPE
-    halves [x_0..x_{d/2-1}, y_0..y_{d/2-1}] become interleaved pairs [x_0, y_0, x_1, y_1, ...].
-    new_rows = old_rows[perm]."""
-    head_dim = n_rows // n_head
-    half = head_dim // 2
-    idx = np.arange(n_rows).reshape(n_head, 2, half)   # [head, which half, i]
-    return idx.transpose(0, 2, 1).reshape(n_rows)      # [head, i, which half]
 
 
 def convert_flow(base, adapters, gate, out, outtype: str = "f32", temperature: float | None = None,
@@ -106,22 +98,30 @@ def _check_gate(g: GateCheckpoint, info: BaseInfo, names: list[str]) -> None:
 
 
 def _check_adapters(loras: list[PeftAdapter], info: BaseInfo) -> None:
+    """Every LoRA against the weight it adapts: in Hugging Face names for a folder base (before
+    llama.cpp's layout; build_flow_tensors checks the GGUF side)."""
     for lora in loras:
-        for (l, hf_module), (a, b) in sorted(lora.weights.items()):
-            module = schema.HF_TO_GGUF_MODULE[hf_module]
-            tensor = schema.TENSOR_BASE_WEIGHT.format(bid=l, module=module)
+        for (l, module), (a, b) in sorted(lora.weights.items()):
+            who = f"adapter {lora.name!r} ({lora.path}): layer {l} {module}"
             if l >= info.n_layer:
-                raise ConversionError(f"adapter {lora.name!r} ({lora.path}): LoRA for layer {l} {hf_module}, "
-                                      f"but the base model {info.path} has {info.n_layer} layers")
-            if (l, module) not in info.shapes:
-                raise ConversionError(f"adapter {lora.name!r} ({lora.path}): LoRA for {hf_module} of layer {l}, "
-                                      f"but the base model {info.path} has no tensor {tensor}")
-            n_out, n_in = info.shapes[(l, module)]
-            if a.shape[1] != n_in or b.shape[0] != n_out:
-                raise ConversionError(
-                    f"adapter {lora.name!r} ({lora.path}): layer {l} {hf_module}: LoRA delta B@A has shape "
-                    f"[{b.shape[0]}, {a.shape[1]}] (lora_A {list(a.shape)}, lora_B {list(b.shape)}), "
-                    f"but the base tensor {tensor} is [{n_out}, {n_in}] (numpy order) in {info.path}")
+                raise ConversionError(f"{who}: LoRA for layer {l}, but the base model {info.path} has "
+                                      f"{info.n_layer} layers")
+            if info.is_gguf:
+                continue
+            name = lora.hf_weight_name(l, module)
+            if name not in info.shapes:
+                raise ConversionError(f"{who}: LoRA on {name}, but the base model {info.path} has no such weight")
+            _check_delta(who, a, b, info.shapes[name], name, info.path)
+
+
+def _check_delta(who, a, b, base_shape, base_name, where) -> None:
+    if len(base_shape) != 2:
+        raise ConversionError(f"{who}: the base weight {base_name} has shape {list(base_shape)}, not a matrix "
+                              "(the experts of a MoE layer?): LoRA on MoE experts is not supported")
+    if (b.shape[0], a.shape[1]) != tuple(base_shape):
+        raise ConversionError(f"{who}: LoRA delta B@A has shape [{b.shape[0]}, {a.shape[1]}] (lora_A {list(a.shape)}, "
+                              f"lora_B {list(b.shape)}), but the base tensor {base_name} is {list(base_shape)} "
+                              f"(numpy order) in {where}")
 
 
 def _check_finite(g: GateCheckpoint, pairs) -> None:
@@ -135,29 +135,49 @@ def _check_finite(g: GateCheckpoint, pairs) -> None:
 
 
 def build_flow_tensors(loras: list[PeftAdapter], info: BaseInfo) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
-    """(layer, gguf module) -> (flow_a [R, n_in], flow_b [n_out, R]) float32, in layer/module order."""
+    """(layer, gguf module) -> (flow_a [R, n_in], flow_b [n_out, R]) float32, in layer order: each
+    LoRA laid out as llama.cpp lays out the base (converter/lora_layout.py), then concatenated."""
     ranks = [lora.r for lora in loras]
     offsets = np.concatenate([[0], np.cumsum(ranks)])
     R = int(offsets[-1])
-    order = {m: i for i, m in enumerate(schema.HF_TO_GGUF_MODULE)}
-    covered = sorted({key for lora in loras for key in lora.weights}, key=lambda k: (k[0], order[k[1]]))
+    layouts = [lora_layout(info.hparams, lora, info.path) for lora in loras]
     pairs = {}
-    for l, hf_module in covered:
-        module = schema.HF_TO_GGUF_MODULE[hf_module]
-        n_out, n_in = info.shapes[(l, module)]
+    for name in sorted({n for layout in layouts for n in layout}, key=_tensor_order):
+        placed = [(lora, layout[name]) for lora, layout in zip(loras, layouts) if name in layout]
+        whos = [f"adapter {lora.name!r} ({lora.path}): LoRA on {hf_name} (llama.cpp's {name})"
+                for lora, (_, _, hf_name) in placed]
+        m = _BASE_WEIGHT_RE.match(name)
+        if m is None:
+            raise ConversionError(f"{whos[0]}: not a weight of a decoder layer")
+        l, module = int(m[1]), m[2]
+        if info.is_gguf:  # the base's shape; a folder's was checked by _check_adapters
+            if name not in info.shapes:
+                raise ConversionError(f"{whos[0]}: the base model {info.path} has no tensor {name} "
+                                      "(a base of another architecture?)")
+            base_shape, base_name = info.shapes[name], name
+        else:  # the first adapter's, for the others to match
+            a, b, _ = placed[0][1]
+            base_shape, base_name = (b.shape[0], a.shape[1]), f"{name} as {placed[0][0].name!r} lays it out"
+        for who, (_, (a, b, _)) in zip(whos, placed):
+            _check_delta(who, a, b, base_shape, base_name, info.path)
+        n_out, n_in = base_shape
         flow_a = np.zeros((R, n_in), dtype=np.float32)
         flow_b = np.zeros((n_out, R), dtype=np.float32)
-        for i, lora in enumerate(loras):
-            if (l, hf_module) in lora.weights:
-                a, b = lora.weights[(l, hf_module)]
+        for i, (lora, layout) in enumerate(zip(loras, layouts)):
+            if name in layout:
+                a, b, _ = layout[name]
                 flow_a[offsets[i]:offsets[i + 1]] = a
                 flow_b[:, offsets[i]:offsets[i + 1]] = b * np.float32(lora.scale)
-        # llama.cpp stores llama's q/k weights with rows permuted; the LoRA output rows must match
-        if info.arch == "llama" and module in ("attn_q", "attn_k"):
-            n_head = info.n_head if module == "attn_q" else info.n_head_kv
-            flow_b = flow_b[llama_qk_permutation(n_out, n_head)]
-        pairs[(l, module)] = (flow_a, np.ascontiguousarray(flow_b))
+        pairs[(l, module)] = (flow_a, flow_b)
     return pairs
+
+
+_BASE_WEIGHT_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+
+
+def _tensor_order(name: str):
+    m = _BASE_WEIGHT_RE.match(name)
+    return (int(m[1]), name) if m else (-1, name)
 
 
 def _add_metadata(w: gguf.GGUFWriter, info: BaseInfo, loras: list[PeftAdapter], names: list[str],

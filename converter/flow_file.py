@@ -19,9 +19,9 @@ from loraflow import schema
 from loraflow.errors import FormatError
 from loraflow.gguf_read import GGUFHeader, TensorInfo, read_header
 
-_PAIR_RE = re.compile(r"^blk\.(\d+)\.(" + "|".join(schema.GGUF_MODULES) + r")\.(flow_a|flow_b)$")
+_PAIR_RE = re.compile(r"^blk\.(\d+)\.(" + schema.MODULE_PATTERN + r")\.(flow_a|flow_b)$")
 _GATE_RE = re.compile(r"^blk\.(\d+)\.flow_gate\.(weight|bias)$")
-_READS_RESIDUAL = ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")
+_READS_RESIDUAL = ("attn_q", "attn_k", "attn_v", "attn_qkv", "ffn_gate", "ffn_up")
 _WRITES_RESIDUAL = ("attn_output", "ffn_down")
 
 
@@ -89,9 +89,8 @@ class FlowFile:
         """Per slot: layer -> the modules that adapter covers (non-zero rows of flow_a or columns
         of flow_b), in layer and module order."""
         out: list[dict[int, list[str]]] = [{} for _ in self.names]
-        order = {m: i for i, m in enumerate(schema.GGUF_MODULES)}
         offsets = self.offsets
-        for layer, module in sorted(self.pairs, key=lambda key: (key[0], order[key[1]])):
+        for layer, module in sorted(self.pairs, key=lambda key: (key[0], schema.module_sort_key(key[1]))):
             a, b = self.pair(layer, module)
             for i in range(self.k):
                 lo, hi = offsets[i], offsets[i + 1]
@@ -133,10 +132,7 @@ def read_flow_file(path, header: GGUFHeader | None = None) -> FlowFile:
     if version != schema.FORMAT_VERSION:
         raise FormatError(f"{path}: {schema.KEY_VERSION} is {version}; this loraflow reads version "
                           f"{schema.FORMAT_VERSION}")
-    arch = need(schema.KEY_GENERAL_ARCH, VT.STRING, "a string")
-    if arch not in schema.SUPPORTED_ARCHS:
-        raise FormatError(f"{path}: architecture {arch!r} is not supported; LoRA-Flow supports "
-                          + ", ".join(schema.SUPPORTED_ARCHS))
+    arch = need(schema.KEY_GENERAL_ARCH, VT.STRING, "a string")  # checked against the base by the runtime
     n_layer = need(schema.KEY_N_LAYER, VT.UINT32, "a uint32")
     n_embd = need(schema.KEY_N_EMBD, VT.UINT32, "a uint32")
     k = need(schema.KEY_ADAPTER_COUNT, VT.UINT32, "a uint32")

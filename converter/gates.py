@@ -3,12 +3,15 @@
 Ours (written by gate_training): safetensors `layers.{i}.weight` [k, n_embd], `layers.{i}.bias` [k],
 metadata "adapters" (JSON list of names, slot order) and "temperature".
 The paper's released gates: a torch file with `encoder.layers.{i}.lora_fusion_gate.weight` [k, n_embd]
-and `encoder.layers.{i}.weight_bias` [1, k]; no names, no temperature. torch is imported only for those.
+and `encoder.layers.{i}.weight_bias` [1, k] (fp16 or fp32, under any prefix: the authors' sample
+gate.pt names them `...model.layers.{i}...` and has no weight_bias at all); no names, no
+temperature. torch is imported only for those.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,8 @@ import numpy as np
 
 from loraflow import schema
 from loraflow.errors import FormatError
+
+logger = logging.getLogger("loraflow.converter")
 
 
 @dataclass
@@ -94,8 +99,22 @@ def read_paper_gate(path) -> GateCheckpoint:
     return GateCheckpoint(weights, biases, None, None, str(path))
 
 
+def initial_bias(k: int, start: int | None = None) -> np.ndarray:
+    """The reference's starting bias: with W = 0 the softmax gives 1/k each, and this bias turns
+    that into one-hot on adapter `start` (default the last, the task LoRA): k = 2 gives
+    [-0.5, 0.5], the paper's start at weights (0, 1)."""
+    bias = np.full(k, -1.0 / k, dtype=np.float32)
+    bias[k - 1 if start is None else start] += 1.0
+    return bias
+
+
+_PAPER_KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(lora_fusion_gate\.weight|weight_bias)$")
+
+
 def load_paper_tensors(path) -> dict:
-    """The gate tensors of the paper's torch file, float32 numpy, keyed from `encoder.` on."""
+    """The gate tensors of the paper's torch file, float32 numpy, keyed as schema.PAPER_GATE_*
+    whatever prefix the file puts before `layers.{i}.`. A file without any weight_bias (the
+    authors' sample gate.pt) gets initial_bias(k) for every layer, with a notice."""
     path = Path(path)
     try:
         import torch
@@ -110,10 +129,26 @@ def load_paper_tensors(path) -> dict:
             sd = sd[wrapper]
     if not isinstance(sd, dict):
         raise FormatError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
-    # keys may carry a prefix (e.g. `base_model.model.`): index them from `encoder.` on
-    probe = schema.PAPER_GATE_WEIGHT.split(".", 1)[0] + "."
-    return {key[key.index(probe):]: v.detach().float().numpy() for key, v in sd.items()
-            if isinstance(key, str) and probe in key and torch.is_tensor(v)}
+    out = {}
+    for key, v in sd.items():
+        m = _PAPER_KEY_RE.search(key) if isinstance(key, str) and torch.is_tensor(v) else None
+        if m:
+            fmt = schema.PAPER_GATE_WEIGHT if m[2] == "lora_fusion_gate.weight" else schema.PAPER_GATE_BIAS
+            name = fmt.format(i=int(m[1]))
+            if name in out:
+                raise FormatError(f"{path}: two tensors for {name} (the second is {key})")
+            out[name] = v.detach().float().numpy()
+    has_bias = any(name.endswith("weight_bias") for name in out)
+    weights = [v for name, v in out.items() if name.endswith("lora_fusion_gate.weight")]
+    if weights and not has_bias:
+        k = weights[0].shape[0] if weights[0].ndim == 2 else 0
+        logger.warning("%s: no weight_bias in the gate file; using the reference's initial bias %s for every "
+                       "layer (weights start at %s)", path, initial_bias(k).tolist(),
+                       (initial_bias(k) + 1.0 / k).round(6).tolist())
+        for name in list(out):
+            if name.endswith("lora_fusion_gate.weight"):
+                out[name.replace("lora_fusion_gate.weight", "weight_bias")] = initial_bias(k)
+    return out
 
 
 def _collect(tensors: dict, weight_fmt: str, bias_fmt: str, path: Path):

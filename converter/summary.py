@@ -94,13 +94,12 @@ def _inspect_lora(h: GGUFHeader) -> dict:
             if m[3] == "a" and len(t.shape) == 2:
                 ranks.add(int(t.shape[1]))
                 modules[int(m[1])].append(m[2])
-    order = {m: i for i, m in enumerate(schema.GGUF_MODULES)}
     d.update({
         "name": h.meta.get("general.name"),
         "alpha": h.meta.get(gguf.Keys.Adapter.LORA_ALPHA),
         "ranks": sorted(ranks),
         "lora_pairs": sum(map(len, modules.values())),
-        "modules": {str(layer): sorted(mods, key=lambda x: order.get(x, len(order)))
+        "modules": {str(layer): sorted(mods, key=schema.module_sort_key)
                     for layer, mods in sorted(modules.items())},
         "tensor_types": _type_histogram(h),
         "tensors": _tensor_list(h),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraflow import schema
-from loraflow.converter.gates import load_paper_tensors
+from loraflow.converter.gates import initial_bias, load_paper_tensors
 from loraflow.errors import FormatError, LoraFlowError
 from loraflow.modes import resolve_mode
 from loraflow.peft_io import PeftAdapter
@@ -35,11 +35,8 @@ class FlowGate(nn.Module):
     def __init__(self, n_embd: int, k: int, init_adapter: int, dtype=None, device=None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(k, n_embd, dtype=dtype, device=device))
-        # With W = 0 the softmax gives 1/k each; this bias turns that into one-hot on init_adapter
-        # (k=2, init 1 -> [-0.5, 0.5], the paper's start).
-        bias = torch.full((k,), -1.0 / k)
-        bias[init_adapter] += 1.0
-        self.bias = nn.Parameter(bias.to(dtype=dtype, device=device))
+        # one-hot on init_adapter at the start (k=2, init 1 -> [-0.5, 0.5], the paper's start)
+        self.bias = nn.Parameter(torch.from_numpy(initial_bias(k, init_adapter)).to(dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
         logits = F.linear(x.to(self.weight.dtype), self.weight) / temperature
@@ -84,20 +81,21 @@ class FlowLinear(nn.Module):
         return y + F.linear(z, self.b_cat)
 
 
-def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a causal LM (llama/qwen2/qwen3: model.layers; gemma3 multimodal:
-    model.language_model.layers)."""
-    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers",
-                 "language_model.layers", "layers"):
-        obj = hf_model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise LoraFlowError(f"cannot find the decoder layers of {type(hf_model).__name__} "
-                        "(looked for model.layers and model.language_model.layers)")
+def decoder_layers(hf_model: nn.Module, adapters: list[PeftAdapter]) -> nn.ModuleList:
+    """The decoder layer list the adapters' parameter names point at (model.layers, transformer.h,
+    model.language_model.layers, ...), looked up in the model as PEFT names it."""
+    paths = {a.layers for a in adapters}
+    if len(paths) != 1:
+        raise LoraFlowError(f"the adapters adapt different layer lists: {sorted(paths)}")
+    path = paths.pop()
+    try:
+        layers = hf_model.get_submodule(path)
+    except AttributeError:
+        layers = None
+    if not isinstance(layers, nn.ModuleList):
+        raise FormatError(f"the adapters adapt the layers {path}.N, which {type(hf_model).__name__} does not have "
+                          "(LoRAs trained on another model?)")
+    return layers
 
 
 class FlowModel(nn.Module):
@@ -122,7 +120,7 @@ class FlowModel(nn.Module):
         self.names = list(names)
         self.k = k
         self.temperature = float(temperature)
-        layers = decoder_layers(hf_model)
+        layers = decoder_layers(hf_model, adapters)
         self.n_layer = len(layers)
         self.n_embd = hf_model.config.get_text_config().hidden_size
         ref = next(hf_model.parameters())
@@ -150,35 +148,32 @@ class FlowModel(nn.Module):
         ranks = [a.r for a in adapters]
         scales = [a.scale for a in adapters]
         replace = []       # check every module first, so a refusal leaves hf_model untouched
-        for l, layer in enumerate(layers):
-            found = {}
-            for full, mod in layer.named_modules():
-                short = full.rsplit(".", 1)[-1]
-                if short in schema.HF_TO_GGUF_MODULE and isinstance(mod, nn.Linear):
-                    found[short] = full
-            for module in schema.HF_TO_GGUF_MODULE:
-                covered = [a.weights.get((l, module)) for a in adapters]
-                if all(c is None for c in covered):
+        covered_modules = sorted({key for a in adapters for key in a.weights})
+        for l, module in covered_modules:
+            layer = layers[l]
+            covered = [a.weights.get((l, module)) for a in adapters]
+            who = [n for n, c in zip(names, covered) if c is not None]
+            try:
+                base = layer.get_submodule(module)
+            except AttributeError:
+                base = None
+            if not isinstance(base, nn.Linear):
+                raise FormatError(f"adapters {who} have LoRA on layer {l} {module}, which layer {l} of "
+                                  f"{type(self.model).__name__} does not have as a linear module")
+            loras = []
+            for name, c in zip(names, covered):
+                if c is None:
+                    loras.append(None)
                     continue
-                if module not in found:
-                    who = [n for n, c in zip(names, covered) if c is not None]
-                    raise FormatError(f"adapters {who} have LoRA on layer {l} {module}, "
-                                      f"which layer {l} of {type(self.model).__name__} does not have")
-                parent_name, _, attr = found[module].rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                base = getattr(parent, attr)
-                loras = []
-                for name, c in zip(names, covered):
-                    if c is None:
-                        loras.append(None)
-                        continue
-                    a, b = c
-                    if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
-                        raise FormatError(
-                            f"adapter {name!r}: layer {l} {module} lora_A {list(a.shape)} / lora_B {list(b.shape)} "
-                            f"do not fit the base weight [{base.out_features}, {base.in_features}]")
-                    loras.append((torch.from_numpy(a), torch.from_numpy(b)))
-                replace.append((parent, attr, FlowLinear(base, loras, ranks, scales, self._layer_weights[l])))
+                a, b = c
+                if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                    raise FormatError(
+                        f"adapter {name!r}: layer {l} {module} lora_A {list(a.shape)} / lora_B {list(b.shape)} "
+                        f"do not fit the base weight [{base.out_features}, {base.in_features}]")
+                loras.append((torch.from_numpy(a), torch.from_numpy(b)))
+            parent_name, _, attr = module.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            replace.append((parent, attr, FlowLinear(base, loras, ranks, scales, self._layer_weights[l])))
         for parent, attr, flow_linear in replace:
             setattr(parent, attr, flow_linear)
 

@@ -1,9 +1,10 @@
 """Read a PEFT LoRA adapter folder into plain numpy arrays.
 
-Shared by the converter (no torch there) and the PyTorch gate model. Only plain
-LoRA on the decoder projections in schema.HF_TO_GGUF_MODULE is accepted; anything
-else (DoRA, per-module ranks, LoRA on embeddings or lm_head, ...) is refused with
-a ConversionError that says what is unsupported.
+Shared by the converter and the PyTorch gate model. Plain LoRA on any linear module of
+the decoder layers is accepted (which llama.cpp tensor it adapts is the converter's
+business: converter/lora_layout.py); anything else (DoRA, per-module ranks, LoRA on
+embeddings, lm_head or MoE experts, ...) is refused with a ConversionError that says what
+is unsupported.
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from loraflow.errors import ConversionError
-from loraflow.schema import HF_TO_GGUF_MODULE
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
-# `<prefix>.layers.<N>.<parent>.<module>.lora_<A|B>[.<adapter name>].weight`; the prefix
-# is whatever wraps the decoder (base_model.model.model, ...model.language_model, ...).
+# `<layer list>.<N>.<module path>.lora_<A|B>[.<adapter name>].weight`: the layer list is the
+# decoder's ModuleList as PEFT names it (base_model.model.model.layers, ...transformer.h), the
+# module path the module's name inside its layer (self_attn.q_proj, mlp.c_fc, ...).
 _KEY_RE = re.compile(
-    r"^(?P<prefix>.*?)\blayers\.(?P<layer>\d+)\.(?:(?P<parent>[A-Za-z_]\w*)\.)?"
-    r"(?P<module>[A-Za-z_]\w*)\.lora_(?P<ab>[AB])(?:\.(?P<name>[A-Za-z_][\w-]*))?\.weight$"
+    r"^(?P<layers>[A-Za-z_][\w.]*?)\.(?P<layer>\d+)\.(?P<module>[A-Za-z_]\w*(?:\.\w+)*?)"
+    r"\.lora_(?P<ab>[AB])(?:\.(?P<name>[A-Za-z_][\w-]*))?\.weight$"
 )
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before the model's own parameter names
+# a numbered module inside a layer: one expert of a MoE block (mlp.experts.3.up_proj)
+_EXPERT_RE = re.compile(r"(?:^|\.)experts\.\d+\.")
 
 
 @dataclass
@@ -39,15 +43,20 @@ class PeftAdapter:
     alpha: float
     use_rslora: bool
     scale: float                      # alpha / r, or alpha / sqrt(r) for rsLoRA
-    target_modules: list[str]         # HF module names present in the weights, sorted
+    target_modules: list[str]         # module paths inside a layer present in the weights, sorted
     weights: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = field(repr=False)
-    # (layer, hf_module) -> (A [r, n_in] float32, B [n_out, r] float32)
+    # (layer, module path, e.g. "self_attn.q_proj") -> (A [r, n_in] float32, B [n_out, r] float32)
+    layers: str = "model.layers"      # the model's decoder layer list (its parameter names' prefix)
     name: str | None = None
     path: str | None = None
 
     @property
     def n_layers_covered(self) -> int:
         return len({layer for layer, _ in self.weights})
+
+    def hf_weight_name(self, layer: int, module: str) -> str:
+        """The base model's parameter this LoRA adapts, e.g. model.layers.3.self_attn.q_proj.weight."""
+        return f"{self.layers}.{layer}.{module}.weight"
 
 
 def read_peft_adapter(path, name: str | None = None) -> PeftAdapter:
@@ -65,12 +74,12 @@ def read_peft_adapter(path, name: str | None = None) -> PeftAdapter:
 
     r, alpha, use_rslora = _check_config(cfg, cfg_path)
     tensors = _read_weights(path)
-    weights = _collect_lora(tensors, r, path)
+    weights, layers = _collect_lora(tensors, r, path)
     scale = alpha / math.sqrt(r) if use_rslora else alpha / r
     return PeftAdapter(
         r=r, alpha=alpha, use_rslora=use_rslora, scale=scale,
         target_modules=sorted({m for _, m in weights}),
-        weights=weights, name=name, path=str(path),
+        weights=weights, layers=layers, name=name, path=str(path),
     )
 
 
@@ -148,24 +157,24 @@ def _collect_lora(tensors: dict[str, np.ndarray], r: int, path: Path):
     for key in tensors:
         if "lora_magnitude_vector" in key:
             raise ConversionError(f"{path}: tensor {key} is a DoRA magnitude; DoRA is not supported")
+    only = "only LoRA on the linear modules of the decoder layers is supported"
     for key in tensors:
         if "lora_embedding" in key or "embed_tokens" in key:
-            raise ConversionError(f"{path}: tensor {key} is LoRA on the token embeddings; "
-                                  "only the projections " + ", ".join(HF_TO_GGUF_MODULE) + " are supported")
+            raise ConversionError(f"{path}: tensor {key} is LoRA on the token embeddings; {only}")
     for key in tensors:
         if "lm_head" in key:
-            raise ConversionError(f"{path}: tensor {key} is LoRA on lm_head; only the projections "
-                                  + ", ".join(HF_TO_GGUF_MODULE) + " are supported")
+            raise ConversionError(f"{path}: tensor {key} is LoRA on lm_head; {only}")
     halves: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    layer_lists = set()
     for key, value in tensors.items():
         m = _KEY_RE.match(key)
         if m is None:
-            raise ConversionError(f"{path}: tensor {key} is not a decoder-layer lora_A/lora_B weight; only LoRA on "
-                                  + ", ".join(HF_TO_GGUF_MODULE) + " is supported")
+            raise ConversionError(f"{path}: tensor {key} is not a decoder-layer lora_A/lora_B weight; {only}")
         module = m["module"]
-        if module not in HF_TO_GGUF_MODULE:
-            raise ConversionError(f"{path}: tensor {key} is LoRA on module {module!r}; only "
-                                  + ", ".join(HF_TO_GGUF_MODULE) + " are supported")
+        if _EXPERT_RE.search(module):
+            raise ConversionError(f"{path}: tensor {key} is LoRA on one expert of a MoE layer; LoRA on MoE "
+                                  f"experts is not supported ({only}, outside the experts)")
+        layer_lists.add(m["layers"].removeprefix(PEFT_PREFIX))
         if value.ndim != 2:
             raise ConversionError(f"{path}: tensor {key} has shape {list(value.shape)}, expected 2-D")
         slot = halves.setdefault((int(m["layer"]), module), {})
@@ -176,6 +185,8 @@ def _collect_lora(tensors: dict[str, np.ndarray], r: int, path: Path):
 
     if not halves:
         raise ConversionError(f"{path}: no LoRA tensors found")
+    if len(layer_lists) != 1:
+        raise ConversionError(f"{path}: LoRA tensors in several layer lists {sorted(layer_lists)}")
     weights = {}
     for (layer, module), ab in sorted(halves.items()):
         if set(ab) != {"A", "B"}:
@@ -186,4 +197,4 @@ def _collect_lora(tensors: dict[str, np.ndarray], r: int, path: Path):
             raise ConversionError(f"{path}: layer {layer} {module}: lora_A {list(a.shape)} and lora_B "
                                   f"{list(b.shape)} do not share the configured rank r={r}")
         weights[(layer, module)] = (a, b)
-    return weights
+    return weights, layer_lists.pop()

@@ -36,19 +36,28 @@ TENSOR_BASE_WEIGHT = "blk.{bid}.{module}.weight"
 TENSOR_GATE_WEIGHT = "blk.{bid}.flow_gate.weight"
 TENSOR_GATE_BIAS = "blk.{bid}.flow_gate.bias"
 
-# Hugging Face projection name -> llama.cpp module name (same for every supported arch).
-HF_TO_GGUF_MODULE = {
-    "q_proj": "attn_q",
-    "k_proj": "attn_k",
-    "v_proj": "attn_v",
-    "o_proj": "attn_output",
-    "gate_proj": "ffn_gate",
-    "up_proj": "ffn_up",
-    "down_proj": "ffn_down",
-}
-GGUF_MODULES = tuple(HF_TO_GGUF_MODULE.values())
+# An adapted module is any matrix of a decoder layer, named as llama.cpp names it (attn_q,
+# attn_qkv, ffn_up, ...): where a PEFT LoRA goes is decided by llama.cpp's own converter
+# (converter/lora_layout.py), which architectures are accepted by the base model (the C++ loader).
+MODULE_PATTERN = r"[a-z][a-z0-9_]*"
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+def module_sort_key(module: str) -> tuple[int, str]:
+    """llama.cpp's own order of a layer's tensors (gguf-py's MODEL_TENSOR), unknown names last."""
+    return (_MODULE_ORDER.get(module, len(_MODULE_ORDER)), module)
+
+
+def _module_order() -> dict[str, int]:
+    import gguf
+
+    order = {}
+    for i, name in enumerate(gguf.TENSOR_NAMES.values()):
+        if name.startswith("blk.{bid}."):
+            order.setdefault(name[len("blk.{bid}."):], i)
+    return order
+
+
+_MODULE_ORDER = _module_order()
 
 # LoRA tensor types a flow file may hold (gguf GGMLQuantizationType names); gates are always F32.
 LORA_TENSOR_TYPES = ("F32", "F16", "Q8_0")

@@ -14,30 +14,32 @@ from safetensors.numpy import save_file
 
 from loraflow import schema
 
-_HF_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# the projections of a llama-family layer: llama.cpp tensor -> Hugging Face module path
+LLAMA_MODULES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+LLAMA_TARGETS = tuple(path.rsplit(".", 1)[1] for path in LLAMA_MODULES.values())  # q_proj, ..., down_proj
 
 
 def base_gguf_shapes(path: str | os.PathLike) -> Tuple[int, int, Dict[Tuple[int, str], Tuple[int, int]]]:
-    """(n_layer, n_embd, {(layer, hf_module): (n_out, n_in)}) of a base model GGUF."""
+    """(n_layer, n_embd, {(layer, hf_module): (n_out, n_in)}) of a llama-family base model GGUF."""
     from loraflow.gguf_read import read_header  # the header only: no vocabulary parsing
 
     header = read_header(path)
     arch = header.meta[schema.KEY_GENERAL_ARCH]
     n_layer = int(header.meta[f"{arch}.block_count"])
     n_embd = int(header.meta[f"{arch}.embedding_length"])
-    gguf_to_hf = {v: k for k, v in schema.HF_TO_GGUF_MODULE.items()}
     shapes = {}
     for name, shape in header.shapes.items():
         parts = name.split(".")
-        if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in gguf_to_hf:
+        if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in LLAMA_MODULES:
             n_in, n_out = int(shape[0]), int(shape[1])  # ggml order
-            shapes[(int(parts[1]), gguf_to_hf[parts[2]])] = (n_out, n_in)
+            shapes[(int(parts[1]), LLAMA_MODULES[parts[2]].rsplit(".", 1)[1])] = (n_out, n_in)
     return n_layer, n_embd, shapes
 
 
 def write_random_peft_adapter(out_dir: str | os.PathLike, shapes: Dict[Tuple[int, str], Tuple[int, int]],
-                              r: int, alpha: float, seed: int, targets: Iterable[str] = tuple(_HF_PARENT),
+                              r: int, alpha: float, seed: int, targets: Iterable[str] = LLAMA_TARGETS,
                               strength: float = 1.0) -> Path:
     """A PEFT LoRA folder with random A and B. `strength` ~ the relative size of the LoRA's
     output next to the base weight's for unit inputs (1.0: clearly visible, not destructive)."""
@@ -47,7 +49,8 @@ def write_random_peft_adapter(out_dir: str | os.PathLike, shapes: Dict[Tuple[int
     for (layer, module), (n_out, n_in) in sorted(shapes.items()):
         if module not in targets:
             continue
-        prefix = f"base_model.model.model.layers.{layer}.{_HF_PARENT[module]}.{module}"
+        path = next(p for p in LLAMA_MODULES.values() if p.endswith("." + module))
+        prefix = f"base_model.model.model.layers.{layer}.{path}"
         a = rng.standard_normal((r, n_in)).astype(np.float32) / np.sqrt(n_in)
         b = rng.standard_normal((n_out, r)).astype(np.float32) * strength / np.sqrt(r) * (r / alpha) * 0.05
         tensors[f"{prefix}.lora_A.weight"] = a

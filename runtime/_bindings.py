@@ -44,7 +44,9 @@ llama_flow_adapter_n_adapters = _bind("llama_flow_adapter_n_adapters", [llama_fl
 llama_flow_adapter_n_layer = _bind("llama_flow_adapter_n_layer", [llama_flow_adapter_p], ctypes.c_int32)
 llama_flow_adapter_name = _bind("llama_flow_adapter_name", [llama_flow_adapter_p, ctypes.c_int32], ctypes.c_char_p)
 llama_flow_set_adapter = _bind(
-    "llama_flow_set_adapter", [_llama.llama_context_p_ctypes, llama_flow_adapter_p], ctypes.c_int32
+    "llama_flow_set_adapter",
+    [_llama.llama_context_p_ctypes, llama_flow_adapter_p, ctypes.c_char_p, ctypes.c_size_t],
+    ctypes.c_int32,
 )
 llama_flow_set_mode = _bind(
     "llama_flow_set_mode",

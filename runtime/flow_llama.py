@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import llama_cpp
 
-from loraflow.errors import LoraFlowError, NativeError
+from loraflow.errors import FormatError, LoraFlowError, NativeError
 from loraflow.modes import resolve_mode
 from loraflow.runtime import _bindings as B
 from loraflow.runtime.adapter import FlowAdapter
@@ -64,16 +64,18 @@ class FlowLlama(llama_cpp.Llama):
         """Load a flow GGUF for this model and set it on the context (replacing any other)."""
         adapter = FlowAdapter(self._model.model, flow_path)
         self._detach()
-        if B.llama_flow_set_adapter(self._ctx.ctx, adapter.ptr) != 0:
+        err = ctypes.create_string_buffer(1024)
+        if B.llama_flow_set_adapter(self._ctx.ctx, adapter.ptr, err, len(err)) != 0:
             adapter.free()
-            raise NativeError("llama_flow_set_adapter refused the adapter (loaded for another model?)")
+            raise FormatError(f"{adapter.path}: " + (err.value.decode(errors="replace")
+                                                     or "llama_flow_set_adapter refused the adapter"))
         self.flow = adapter
         self._mode = "dynamic"
         self.set_mode(mode, static_weights)
 
     def _detach(self) -> None:
         if self.flow is not None:
-            B.llama_flow_set_adapter(self._ctx.ctx, None)
+            B.llama_flow_set_adapter(self._ctx.ctx, None, None, 0)
             self.flow.free()
             self.flow = None
             self._mode = "off"

@@ -338,8 +338,9 @@ def make_corpus(good, out_dir, n_layer: int, n_embd: int) -> list[Case]:
         schema.TENSOR_GATE_WEIGHT.format(bid=n_layer): f32(k, n_embd)})
     add("names", "layer-negative", "blk.-1", extra={"blk.-1.flow_gate.bias": f32(k)})
     add("names", "layer-huge", "blk.99999999999", extra={"blk.99999999999.flow_gate.bias": f32(k)})
-    add("names", "unknown-module", "attn_qkv", extra={"blk.0.attn_qkv.flow_a": f32(R, n_embd),
-                                                      "blk.0.attn_qkv.flow_b": f32(3 * n_embd, R)})
+    # a module of another architecture (fused qkv on a llama base): only the base can tell
+    add("names", "module-of-another-arch", "attn_qkv", needs_base=True,
+        extra={"blk.0.attn_qkv.flow_a": f32(R, n_embd), "blk.0.attn_qkv.flow_b": f32(3 * n_embd, R)})
     add("names", "module-not-in-base", "", extra={"blk.0.attn_q_norm.flow_a": f32(R, n_embd)})
     add("names", "suffix-only", "", extra={"blk.0..flow_a": f32(R, n_embd)})
     add("names", "no-layer", "", extra={"flow_gate.weight": f32(k, n_embd)})

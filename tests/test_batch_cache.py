@@ -64,7 +64,7 @@ class MultiSeqContext:
         params.n_seq_max = n_seq
         params.kv_unified = kv_unified
         self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
-        assert B.llama_flow_set_adapter(self.ctx.ctx, llm.flow.ptr) == 0
+        assert B.llama_flow_set_adapter(self.ctx.ctx, llm.flow.ptr, None, 0) == 0
         w = llm._static_weights
         if llm.mode == "static":
             buf = np.ascontiguousarray(w, dtype=np.float32).ravel()
@@ -97,7 +97,7 @@ class MultiSeqContext:
         return [logits[a:b] for a, b in zip(bounds, bounds[1:])], gates
 
     def close(self):
-        self.B.llama_flow_set_adapter(self.ctx.ctx, None)
+        self.B.llama_flow_set_adapter(self.ctx.ctx, None, None, 0)
         self.ctx.close()
         self.batch.close()
 

@@ -179,12 +179,13 @@ def test_base_refusals(setup, tmp_path):
         assert list(out_dir.iterdir()) == []
 
     refused([str(tm.hf_dir), "-o", str(out), "--outtype", "q3_k_s"], "Invalid value for '--outtype'", exit_code=2)
-    mistral = tmp_path / "mistral"
-    mistral.mkdir()
+    mamba = tmp_path / "mamba"  # a recurrent model: llama.cpp runs it, LoRA-Flow does not
+    mamba.mkdir()
     cfg = json.loads((tm.hf_dir / "config.json").read_text())
-    (mistral / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
-    refused([str(mistral), "-o", str(out), "--outtype", "q4_k_m"],
-            "model_type 'mistral' is not supported; LoRA-Flow supports llama, qwen2, qwen3, gemma3")
+    (mamba / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    refused([str(mamba), "-o", str(out), "--outtype", "q4_k_m"],
+            "architecture 'mamba' is recurrent or hybrid (state-space, RWKV or convolution layers): "
+            "LoRA-Flow supports decoder-only transformer stacks only")
     empty = tmp_path / "empty"
     empty.mkdir()
     refused([str(empty), "-o", str(out)], "no config.json; not a Hugging Face model folder")

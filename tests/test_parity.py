@@ -1,10 +1,11 @@
 """Parity: the patched llama.cpp runtime against the PyTorch model of the method.
 
-Tiny random llama, qwen2, qwen3 and gemma3 models (transformers, converted by llama.cpp's own
-converter), k = 2 and 3 LoRAs of unequal ranks (one rsLoRA, one covering only some modules and
-layers), F32 base and LoRAs, F32 KV cache, flash attention off. Every mode, a 64-token
-sequence evaluated in one batch and token by token; `off` against stock llama.cpp, and
-`single:<name>` against stock llama.cpp with that LoRA set through llama_set_adapters_lora."""
+A tiny random model of each of fixtures.TINY_ARCHS (transformers, converted by llama.cpp's own
+converter), k = 2 and 3 LoRAs of unequal ranks: two on every linear module PEFT's "all-linear"
+picks (one of them rsLoRA), a third on the first and last linear module of layer 1 only. F32
+base and LoRAs, F32 KV cache, flash attention off. Every mode, a 64-token sequence evaluated
+in one batch and token by token; `off` against stock llama.cpp, and `single:<name>` against
+stock llama.cpp with that LoRA set through llama_set_adapters_lora."""
 
 from __future__ import annotations
 
@@ -16,84 +17,41 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fixtures import TINY_ARCHS, make_random_gate, make_tiny_loras  # noqa: E402
+from fixtures import TINY_ARCHS  # noqa: E402
+from parity_setup import (N_TOKENS, RUNTIME, TOL, arch_loras, build_flow, modes_for, rel_err,  # noqa: E402
+                          runtime_token_by_token, torch_logits)
 
-from loraflow.converter.flow import convert_flow  # noqa: E402
 from loraflow.llama_source import llama_cpp_source_dir  # noqa: E402
-from loraflow.peft_io import read_peft_adapter  # noqa: E402
-
-N_TOKENS = 64
-TOL = 1e-3  # of the logits' scale
-# name -> (rank, alpha, targets, rsLoRA, layers)
-LORAS = {
-    "lang": (4, 8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), False, None),
-    "math": (8, 8, ("q_proj", "v_proj", "down_proj"), True, None),
-    "code": (2, 4, ("o_proj", "up_proj"), False, [1]),
-}
-RUNTIME = dict(n_ctx=128, n_batch=N_TOKENS, n_ubatch=N_TOKENS, n_threads=2, logits_all=True, flash_attn=False,
-               type_k=0, type_v=0, verbose=False)  # type 0 = F32 KV cache
 
 
 @pytest.fixture(scope="module", params=TINY_ARCHS)
 def arch_setup(request, tiny_models, tmp_path_factory):
-    """Per arch: the base, the three PEFT LoRAs, their stock llama.cpp conversions, and the tokens."""
+    """Per arch: the base, the three PEFT LoRAs, and the tokens."""
     tm = tiny_models.get(request.param)
-    work = tmp_path_factory.mktemp(f"parity-{tm.arch}")
-    loras = make_tiny_loras(tm.hf_dir, work, LORAS)
-    rng = np.random.default_rng(0)
-    import transformers
-
-    vocab = transformers.AutoConfig.from_pretrained(str(tm.hf_dir)).vocab_size
-    tokens = rng.integers(10, vocab, N_TOKENS).tolist()
-    return dict(tm=tm, work=work, loras=loras, tokens=tokens)
+    return arch_loras(tm, tmp_path_factory.mktemp(f"parity-{tm.arch}"))
 
 
 @pytest.fixture(scope="module", params=[2, 3])
 def flow_setup(request, arch_setup):
     """k adapters: the flow file, the runtime with it loaded, and the PyTorch model."""
-    from transformers import AutoModelForCausalLM
+    setup = build_flow(arch_setup, request.param)
+    yield setup
+    setup["llm"].close()
 
-    from loraflow.gate_training.model import FlowModel
-    from loraflow.runtime import FlowLlama
 
-    k = request.param
+def test_hf_folder_base_gives_the_same_file(arch_setup):
+    """--base as the Hugging Face folder or as its GGUF: the same flow file, byte for byte."""
+    from loraflow.converter.flow import convert_flow
+
+    from fixtures import make_random_gate
+
     tm, work = arch_setup["tm"], arch_setup["work"]
-    names = list(LORAS)[:k]
-    temperature = 1.0 if k == 2 else 0.7
-    gate = make_random_gate(tm.n_layer, k, tm.n_embd, work / f"gate{k}", names, seed=k, temperature=temperature,
-                            w_std=0.2)
-    flow = convert_flow(tm.gguf, [(n, arch_setup["loras"][n]) for n in names], gate, work / f"flow{k}.gguf")
-    llm = FlowLlama(str(tm.gguf), flow_path=str(flow), record_gates=True, **RUNTIME)
-    hf = AutoModelForCausalLM.from_pretrained(str(tm.hf_dir), dtype=torch.float32)
-    model = FlowModel(hf, [read_peft_adapter(arch_setup["loras"][n]) for n in names], names)
-    model.load_gate(gate)
-    yield dict(llm=llm, model=model, names=names, tokens=arch_setup["tokens"], k=k, n_layer=tm.n_layer, arch=tm.arch,
-               gate=gate)
-    llm.close()
-
-
-def torch_logits(model, tokens):
-    with torch.no_grad():
-        return model.forward(torch.tensor([tokens])).logits[0].numpy()
-
-
-def runtime_token_by_token(llm, tokens):
-    llm.reset()
-    llm._ctx.kv_cache_clear()
-    for t in tokens:
-        llm.eval([t])
-    return np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
-
-
-def modes_for(setup):
-    rng = np.random.default_rng(1)
-    per_layer = rng.uniform(-0.5, 1.5, (setup["n_layer"], setup["k"])).round(3).tolist()
-    return [("dynamic", None), ("static", per_layer), ("static", [0.7] + [0.4] * (setup["k"] - 1)),
-            ("average", None), ("off", None)] + [(f"single:{n}", None) for n in setup["names"]]
-
-
-def rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
+    names = list(arch_setup["spec"])[:2]
+    gate = make_random_gate(tm.n_layer, 2, tm.n_embd, work / "gate-base-kinds", names)
+    adapters = [(n, arch_setup["loras"][n]) for n in names]
+    from_gguf = convert_flow(tm.gguf, adapters, gate, work / "base-gguf.gguf", force=True)
+    from_hf = convert_flow(tm.hf_dir, adapters, gate, work / "base-hf.gguf", force=True)
+    assert from_gguf.read_bytes() == from_hf.read_bytes()
 
 
 @pytest.mark.parametrize("mode_index", range(7))
@@ -177,7 +135,7 @@ def test_single_matches_stock_lora(flow_setup, arch_setup):
     for name in flow_setup["names"]:
         llm.set_mode(f"single:{name}")
         ours = llm.eval_logits(tokens)
-        r, _, _, rslora, _ = LORAS[name]
+        r, _, _, rslora, _ = arch_setup["spec"][name]
         # convert_lora_to_gguf.py ignores use_rslora (llama.cpp scales alpha/r); the adapter scale
         # sqrt(r) turns that into rsLoRA's alpha/sqrt(r)
         stock = llama_cpp.Llama(str(arch_setup["tm"].gguf), lora_path=str(stock_lora_gguf(arch_setup, name)),
@@ -189,25 +147,31 @@ def test_single_matches_stock_lora(flow_setup, arch_setup):
 
 
 def test_f16_lora_tensors_token_by_token(flow_setup, arch_setup):
-    """F16 LoRA tensors (the converter's default) token by token: each LoRA B row is k * rank
-    long (16 or 24 here), shorter than one SIMD step of ggml's F16 dot, which the patch
-    vectorizes; against the PyTorch model and against the F32 file."""
+    """F16 LoRA tensors token by token: each LoRA B row is k * rank long (16 or 24 here), shorter
+    than one SIMD step of ggml's F16 dot, which the patch vectorizes. Against the PyTorch model
+    with the same LoRA values (A and s_i B rounded to F16, as the file holds them)."""
     from loraflow.converter.flow import convert_flow
+    from loraflow.gate_training.model import FlowLinear
     from loraflow.runtime import FlowLlama
 
     names, tokens, model = flow_setup["names"], flow_setup["tokens"], flow_setup["model"]
     f16 = convert_flow(arch_setup["tm"].gguf, [(n, arch_setup["loras"][n]) for n in names], flow_setup["gate"],
                        arch_setup["work"] / f"flow{flow_setup['k']}-f16.gguf", outtype="f16")
+    flow_linears = [m for m in model.modules() if isinstance(m, FlowLinear)]
+    saved = [(m.a_cat, m.b_cat) for m in flow_linears]
     model.set_mode("dynamic")
-    ref = torch_logits(model, tokens)
-    flow_setup["llm"].set_mode("dynamic")
-    f32_run = runtime_token_by_token(flow_setup["llm"], tokens)
+    try:
+        for m in flow_linears:
+            m.a_cat, m.b_cat = m.a_cat.half().float(), m.b_cat.half().float()
+        ref = torch_logits(model, tokens)
+    finally:
+        for m, (a, b) in zip(flow_linears, saved):
+            m.a_cat, m.b_cat = a, b
     llm = FlowLlama(str(arch_setup["tm"].gguf), flow_path=str(f16), **RUNTIME)
     try:
         f16_run = runtime_token_by_token(llm, tokens)
     finally:
         llm.close()
     print(f"[parity] {flow_setup['arch']} k={flow_setup['k']} F16 LoRAs token by token: {rel_err(f16_run, ref):.1e} "
-          f"against torch, {rel_err(f16_run, f32_run):.1e} against the F32 file")
+          "against torch with the same F16 values")
     assert rel_err(f16_run, ref) < TOL
-    assert rel_err(f16_run, f32_run) < TOL

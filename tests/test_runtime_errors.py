@@ -84,9 +84,9 @@ def test_wrong_arch(good):
     refused(good["llama"].gguf, good["qwen3_flow"], "made for a 'qwen3' model", "base model is 'llama'")
 
 
-def test_unsupported_arch(good):
+def test_other_arch(good):
     bad = rewrite(good["flow"], good["work"] / "phi3.gguf", arch="phi3")
-    refused(good["llama"].gguf, bad, "architecture 'phi3' is not supported")
+    refused(good["llama"].gguf, bad, "made for a 'phi3' model, but the base model is 'llama'")
 
 
 def test_wrong_layer_count(good):

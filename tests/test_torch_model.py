@@ -14,6 +14,7 @@ from safetensors.torch import save_file as save_pt
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+from fixtures import ALL_TARGETS
 from loraflow import schema
 from loraflow.errors import ConversionError, FormatError, LoraFlowError
 from loraflow.gate_training.model import FlowModel
@@ -28,7 +29,7 @@ ARCHS = {
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SMALL, head_dim=16)),
     "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(**SMALL, head_dim=16)),
 }
-ALL = list(schema.HF_TO_GGUF_MODULE)
+ALL = list(ALL_TARGETS)
 # Unequal ranks, one rsLoRA, one adapter on a few modules of layer 1 only.
 ADAPTERS = {
     "lang": dict(r=4, lora_alpha=8, target_modules=ALL),
@@ -258,7 +259,7 @@ def test_gemma3_multimodal_language_model_layers(tmp_path):
     lc = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)", init_lora_weights=False)
     get_peft_model(copy.deepcopy(base), lc).save_pretrained(tmp_path)
     adapter = read_peft_adapter(tmp_path)
-    assert sorted(adapter.weights)[0] == (0, "down_proj")
+    assert sorted(adapter.weights)[0] == (0, "mlp.down_proj") and adapter.layers == "model.language_model.layers"
     flow = FlowModel(copy.deepcopy(base), [adapter], ["only"]).eval()
     ref = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     assert (logits(ref) - logits(base)).abs().max() > 1e-2
@@ -325,7 +326,8 @@ def test_gate_load_errors(llama, tmp_path):
 def test_adapter_does_not_fit_model(llama, tmp_path):
     cls, cfg = ARCHS["llama"]
     bigger = cls(LlamaConfig(**{**SMALL, "hidden_size": 96, "num_attention_heads": 4})).eval()
-    with pytest.raises(FormatError, match=r"layer 0 \w+_proj lora_A \[4, 64\].*\[\d+, 96\]"):
+    with pytest.raises(FormatError, match=r"layer 0 mlp\.down_proj lora_A \[4, 128\] / lora_B \[64, 4\] do not fit "
+                                          r"the base weight \[96, 128\]"):
         FlowModel(bigger, [read_peft_adapter(llama.dirs["lang"])], ["lang"])
     deep = cls(LlamaConfig(**{**SMALL, "num_hidden_layers": 1})).eval()
     with pytest.raises(FormatError, match="layer 1 .* model has 1 layers"):
@@ -338,9 +340,10 @@ def test_read_adapter_fields(llama):
     a = read_peft_adapter(llama.dirs["task"], name="task")
     assert (a.r, a.alpha, a.use_rslora, a.name) == (8, 16.0, True, "task")
     assert a.scale == pytest.approx(16 / math.sqrt(8))
-    assert a.target_modules == ["down_proj", "q_proj", "v_proj"]
+    assert a.target_modules == ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    assert a.layers == "model.layers" and a.hf_weight_name(1, "mlp.down_proj") == "model.layers.1.mlp.down_proj.weight"
     assert sorted(a.weights) == [(l, m) for l in (0, 1) for m in a.target_modules]
-    A, B = a.weights[(1, "v_proj")]
+    A, B = a.weights[(1, "self_attn.v_proj")]
     assert A.shape == (8, 64) and B.shape == (32, 8) and A.dtype == np.float32
     assert read_peft_adapter(llama.dirs["lang"]).scale == 2.0
 
@@ -362,21 +365,21 @@ def test_key_variants_and_bf16(tmp_path):
         "base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_B.default.weight": b,
     }
     ad = read_peft_adapter(write_adapter(tmp_path / "a", tensors))
-    np.testing.assert_array_equal(ad.weights[(3, "q_proj")][0], a)
-    np.testing.assert_array_equal(ad.weights[(3, "q_proj")][1], b)
+    np.testing.assert_array_equal(ad.weights[(3, "self_attn.q_proj")][0], a)
+    np.testing.assert_array_equal(ad.weights[(3, "self_attn.q_proj")][1], b)
 
     bf = tmp_path / "bf"
     write_adapter(bf, None)
     torch_tensors = {k: torch.from_numpy(v).bfloat16() for k, v in tensors.items()}
     save_pt(torch_tensors, str(bf / "adapter_model.safetensors"))
-    A, B = read_peft_adapter(bf).weights[(3, "q_proj")]
+    A, B = read_peft_adapter(bf).weights[(3, "self_attn.q_proj")]
     np.testing.assert_array_equal(A, torch_tensors[next(iter(tensors))].float().numpy())
     assert A.dtype == np.float32
 
     binary = tmp_path / "bin"
     write_adapter(binary, None)
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, binary / "adapter_model.bin")
-    np.testing.assert_array_equal(read_peft_adapter(binary).weights[(3, "q_proj")][1], b)
+    np.testing.assert_array_equal(read_peft_adapter(binary).weights[(3, "self_attn.q_proj")][1], b)
 
 
 def test_peft_refusals(llama, tmp_path):
@@ -398,7 +401,8 @@ def test_peft_refusals(llama, tmp_path):
         ("rankpat", ok, dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
         ("alphapat", ok, dict(alpha_pattern={"v_proj": 1}), "alpha_pattern"),
         ("embed", {**ok, "base_model.model.model.embed_tokens.lora_embedding_A": a}, {}, "token embeddings"),
-        ("conv", {key.format("conv1d", "A"): a, key.format("conv1d", "B"): b}, {}, "module 'conv1d'"),
+        ("expert", {k.replace("self_attn.q_proj", "mlp.experts.0.up_proj"): v for k, v in ok.items()}, {},
+         "one expert of a MoE layer; LoRA on MoE experts is not supported"),
         ("magnitude", {**ok, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": b[:, 0]},
          {}, "DoRA"),
         ("ranks", {key.format("q_proj", "A"): a, key.format("q_proj", "B"): np.zeros((6, 3), np.float32)}, {},

@@ -65,6 +65,9 @@ struct llama_flow_state {
     std::vector<std::vector<float>> gates; // recorded, per layer [n_recorded][k]
     int32_t n_recorded = 0;
 
+    // set while a graph is built when the flow cannot be applied to it (see llama_flow_set_adapter)
+    mutable std::string graph_error;
+
     bool active() const { return adapter && mode != LLAMA_FLOW_MODE_OFF; }
 
     // copy the gate weights of an evaluated ubatch to the host (when recording), in batch order;
@@ -83,8 +86,14 @@ struct llama_flow_graph {
     ggml_tensor * apply(ggml_context * ctx0, llm_graph_result * res,
                         const ggml_tensor * w, ggml_tensor * cur, ggml_tensor * y);
 
+    // every tensor the graph builder names (llm_graph_context::cb): finds the gate inputs
+    void observe(ggml_tensor * t, const char * name, int il);
+
 private:
     ggml_tensor * gate(ggml_context * ctx0, llm_graph_result * res, int32_t il, int64_t n_cols);
+    ggml_tensor * fail(std::string msg) const;
+
+    std::map<int32_t, ggml_tensor *> layer_inp;                      // il -> residual stream entering layer il
 
     ggml_tensor * static_inp = nullptr;                              // [k, n_layer]
     std::map<int32_t, ggml_tensor *> gate_exp;                       // il -> [k, n_tokens] (or [k, 1])

@@ -27,6 +27,7 @@
 #include <fstream>
 #include <memory>
 #include <stdexcept>
+#include <tuple>
 
 // mirrors loraflow/schema.py
 #define LLAMA_FLOW_FORMAT_VERSION 1
@@ -35,16 +36,13 @@
 #define LLAMA_FLOW_MAX_ADAPTERS   64
 #define LLAMA_FLOW_MAX_RANK       65536
 
-static const char * const LLAMA_FLOW_ARCHS[]   = { "llama", "qwen2", "qwen3", "gemma3" };
-static const char * const LLAMA_FLOW_MODULES[] = {
-    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
-};
-// modules that read the same input, so their A matmuls can be one
+// Modules that read the same input in llama.cpp's layer graphs (q, k, v; gate, up): their A
+// matmuls become one. Any other adapted module is a group of its own. A hint, not a
+// requirement: the shared product is keyed by the input tensor too (llama_flow_graph::apply),
+// so a graph where they read different inputs still gets the right numbers.
 static const std::vector<std::vector<std::string>> LLAMA_FLOW_SHARED_INPUT = {
     { "attn_q", "attn_k", "attn_v" },
-    { "attn_output" },
     { "ffn_gate", "ffn_up" },
-    { "ffn_down" },
 };
 
 //
@@ -80,15 +78,6 @@ struct flow_file {
     uint32_t    u32(const char * name) const { return gguf_get_val_u32(g, key(name, GGUF_TYPE_UINT32)); }
     float       f32(const char * name) const { return gguf_get_val_f32(g, key(name, GGUF_TYPE_FLOAT32)); }
 };
-
-bool is_one_of(const std::string & s, const char * const * list, size_t n) {
-    for (size_t i = 0; i < n; ++i) {
-        if (s == list[i]) {
-            return true;
-        }
-    }
-    return false;
-}
 
 std::string shape_str(const ggml_tensor * t) {
     return format("[%lld, %lld, %lld, %lld]", (long long) t->ne[0], (long long) t->ne[1], (long long) t->ne[2], (long long) t->ne[3]);
@@ -152,11 +141,18 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
     }
     const std::string arch = f.str("general.architecture");
     const std::string model_arch = llm_arch_name(model.arch);
-    if (!is_one_of(arch, LLAMA_FLOW_ARCHS, sizeof(LLAMA_FLOW_ARCHS)/sizeof(LLAMA_FLOW_ARCHS[0]))) {
-        throw std::runtime_error(format("%s: architecture '%s' is not supported (llama, qwen2, qwen3, gemma3)", path.c_str(), arch.c_str()));
-    }
     if (arch != model_arch) {
         throw std::runtime_error(format("%s: made for a '%s' model, but the base model is '%s'", path.c_str(), arch.c_str(), model_arch.c_str()));
+    }
+    // The gate reads the residual stream entering each layer of a decoder-only stack; recurrent
+    // and hybrid models carry state outside it, encoder-decoders have two stacks.
+    if (llama_model_is_recurrent(&model) || llama_model_is_hybrid(&model)) {
+        throw std::runtime_error(format("%s: the base model '%s' is recurrent or hybrid (state-space or linear-attention layers): "
+                    "LoRA-Flow supports decoder-only transformer stacks only", path.c_str(), model_arch.c_str()));
+    }
+    if (llama_model_has_encoder(&model)) {
+        throw std::runtime_error(format("%s: the base model '%s' is an encoder-decoder: LoRA-Flow supports decoder-only "
+                    "transformer stacks only", path.c_str(), model_arch.c_str()));
     }
     const int64_t n_layer = model.hparams.n_layer();
     const int64_t n_embd  = model.hparams.n_embd;
@@ -229,10 +225,8 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
                 gate_b[il] = t;
             }
         } else if (ends_with(".flow_a") || ends_with(".flow_b")) {
+            // any module: the base model must have blk.N.<module>.weight, checked below
             const std::string module = rest.substr(0, rest.size() - strlen(".flow_a"));
-            if (!is_one_of(module, LLAMA_FLOW_MODULES, sizeof(LLAMA_FLOW_MODULES)/sizeof(LLAMA_FLOW_MODULES[0]))) {
-                throw std::runtime_error(format("%s: tensor '%s' adapts unsupported module '%s'", path.c_str(), t->name, module.c_str()));
-            }
             if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16 && t->type != GGML_TYPE_Q8_0) {
                 throw std::runtime_error(format("%s: tensor '%s' has type %s, expected f32, f16 or q8_0", path.c_str(), t->name, ggml_type_name(t->type)));
             }
@@ -258,6 +252,10 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
         p.base = model.get_tensor(base_name.c_str());
         if (!p.base) {
             throw std::runtime_error(format("%s: base model has no tensor '%s' (wrong base model?)", path.c_str(), base_name.c_str()));
+        }
+        if (ggml_n_dims(p.base) == 3) {
+            throw std::runtime_error(format("%s: '%s' holds the experts of a MoE layer (a 3-D tensor): LoRA on MoE experts "
+                        "is not supported", path.c_str(), base_name.c_str()));
         }
         if (ggml_n_dims(p.base) != 2) {
             throw std::runtime_error(format("%s: base tensor '%s' is not a matrix", path.c_str(), base_name.c_str()));
@@ -329,10 +327,10 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
     ad->gate_w.resize(n_layer);
     ad->gate_b.resize(n_layer);
     for (int64_t il = 0; il < n_layer; ++il) {
-        const ggml_tensor * anchor = model.get_tensor(format("blk.%lld.attn_norm.weight", (long long) il).c_str());
-        if (!anchor) {
-            anchor = loras.begin()->second.base;
-        }
+        // placed with an adapted weight of the same layer (that layer's device when offloading)
+        auto same_layer = loras.lower_bound({il, std::string()});
+        const ggml_tensor * anchor = same_layer != loras.end() && same_layer->first.first == il ?
+            same_layer->second.base : loras.begin()->second.base;
         ggml_context * c = ctx_for(anchor);
         ad->gate_w[il] = ggml_dup_tensor(c, gate_w[il]);
         ad->gate_b[il] = ggml_dup_tensor(c, gate_b[il]);
@@ -340,48 +338,37 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
         uploads.push_back({ COPY, ad->gate_b[il], { gate_b[il] } });
     }
 
-    for (int64_t il = 0; il < n_layer; ++il) {
+    // groups: per layer, the members of one LLAMA_FLOW_SHARED_INPUT set with the same A type;
+    // every other module alone
+    std::map<std::tuple<int64_t, std::string, ggml_type>, std::vector<const lora_pair *>> group_members;
+    for (const auto & [key, p] : loras) {
+        std::string set = "self:" + key.second;
         for (const auto & shared : LLAMA_FLOW_SHARED_INPUT) {
-            // the members present in this layer with the same A type share one group;
-            // a member whose A type differs gets a group of its own
-            std::vector<std::vector<const lora_pair *>> groups;
-            for (const auto & module : shared) {
-                auto it = loras.find({il, module});
-                if (it == loras.end()) {
-                    continue;
-                }
-                bool placed = false;
-                for (auto & grp : groups) {
-                    if (grp[0]->a->type == it->second.a->type) {
-                        grp.push_back(&it->second);
-                        placed = true;
-                        break;
-                    }
-                }
-                if (!placed) {
-                    groups.push_back({ &it->second });
-                }
-            }
-            for (const auto & grp : groups) {
-                ggml_context * c = ctx_for(grp[0]->base);
-                const int32_t group_id = (int32_t) ad->groups.size();
-                ggml_tensor * a = ggml_new_tensor_2d(c, grp[0]->a->type, grp[0]->a->ne[0], n_row*(int64_t) grp.size());
-                ggml_format_name(a, "blk.%lld.flow_a_group%d", (long long) il, group_id);
-                ad->groups.push_back({ a });
-                upload up_a = { A_ROWS, a, {} };
-                for (size_t m = 0; m < grp.size(); ++m) {
-                    const lora_pair & p = *grp[m];
-                    // B keeps F32 or F16; a Q8_0 B becomes F16, since its rows are reordered
-                    const ggml_type b_type = p.b->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
-                    ggml_tensor * b = ggml_new_tensor_2d(ctx_for(p.base), b_type, n_row, p.b->ne[1]);
-                    ggml_set_name(b, p.b->name);
-                    ad->weights[p.base] = { (int32_t) il, group_id, (int64_t) m*n_row, b };
-                    up_a.src[m] = p.a;
-                    uploads.push_back({ B_COLS, b, { p.b } });
-                }
-                uploads.push_back(up_a);
+            if (std::find(shared.begin(), shared.end(), key.second) != shared.end()) {
+                set = shared[0];
             }
         }
+        group_members[{key.first, set, p.a->type}].push_back(&p);
+    }
+    for (const auto & [gkey, grp] : group_members) {
+        const int64_t il = std::get<0>(gkey);
+        ggml_context * c = ctx_for(grp[0]->base);
+        const int32_t group_id = (int32_t) ad->groups.size();
+        ggml_tensor * a = ggml_new_tensor_2d(c, grp[0]->a->type, grp[0]->a->ne[0], n_row*(int64_t) grp.size());
+        ggml_format_name(a, "blk.%lld.flow_a_group%d", (long long) il, group_id);
+        ad->groups.push_back({ a });
+        upload up_a = { A_ROWS, a, {} };
+        for (size_t m = 0; m < grp.size(); ++m) {
+            const lora_pair & p = *grp[m];
+            // B keeps F32 or F16; a Q8_0 B becomes F16, since its rows are reordered
+            const ggml_type b_type = p.b->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+            ggml_tensor * b = ggml_new_tensor_2d(ctx_for(p.base), b_type, n_row, p.b->ne[1]);
+            ggml_set_name(b, p.b->name);
+            ad->weights[p.base] = { (int32_t) il, group_id, (int64_t) m*n_row, b };
+            up_a.src[m] = p.a;
+            uploads.push_back({ B_COLS, b, { p.b } });
+        }
+        uploads.push_back(up_a);
     }
 
     for (auto & [buft, c] : ctx_map) {
@@ -478,6 +465,31 @@ public:
 // graph
 //
 
+// The gate's input, the residual stream entering layer l, is found by name, the same way for
+// every architecture: llama.cpp's graph builders name each layer's output "l_out" (after the
+// residual add and the control vector: what the next layer reads), and the embeddings "embd"
+// (build_inp_embd, after any embedding multiplier) or "inp_scaled" (where the builder scales
+// them after that, as Gemma's sqrt(n_embd)); for layer 0 the last of those wins.
+void llama_flow_graph::observe(ggml_tensor * t, const char * name, int il) {
+    if (!state || !state->active()) {
+        return;
+    }
+    if (il == -1 && (strcmp(name, "embd") == 0 || strcmp(name, "inp_scaled") == 0)) {
+        layer_inp[0] = t;
+    } else if (il >= 0 && strcmp(name, "l_out") == 0) {
+        layer_inp[il + 1] = t;
+    }
+}
+
+// a graph the flow cannot be applied to: keep the reason (llama_flow_set_adapter's trial graph
+// turns it into a refusal) and leave the weight without the flow delta
+ggml_tensor * llama_flow_graph::fail(std::string msg) const {
+    if (state->graph_error.empty()) {
+        state->graph_error = std::move(msg);
+    }
+    return nullptr;
+}
+
 ggml_tensor * llama_flow_graph::gate(ggml_context * ctx0, llm_graph_result * res, int32_t il, int64_t n_cols) {
     const llama_flow_adapter & ad = *state->adapter;
 
@@ -485,8 +497,17 @@ ggml_tensor * llama_flow_graph::gate(ggml_context * ctx0, llm_graph_result * res
     if (!g) {
         ggml_tensor * w;
         if (state->mode == LLAMA_FLOW_MODE_DYNAMIC) {
-            ggml_tensor * x = res->t_layer_inp[il];
-            GGML_ASSERT(x && "flow: this model graph does not record its layer inputs");
+            const auto it = layer_inp.find(il);
+            if (it == layer_inp.end()) {
+                return fail(format("the %s graph does not name the input of layer %d (the previous layer's \"l_out\", "
+                            "or \"embd\"/\"inp_scaled\" for layer 0), so the gate has no input: this architecture's "
+                            "graph is not a standard decoder loop", llm_arch_name(ad.model.arch), il));
+            }
+            ggml_tensor * x = it->second;
+            if (x->ne[0] != ad.gate_w[il]->ne[0] || ggml_n_dims(x) > 2) {
+                return fail(format("the input of layer %d in the %s graph is %s, expected [n_embd = %lld, n_tokens]",
+                            il, llm_arch_name(ad.model.arch), shape_str(x).c_str(), (long long) ad.gate_w[il]->ne[0]));
+            }
             w = ggml_mul_mat(ctx0, ad.gate_w[il], x);                           // [k, n_tokens]
             w = ggml_soft_max_ext(ctx0, w, nullptr, 1.0f/ad.temperature, 0.0f);
             w = ggml_add(ctx0, w, ad.gate_b[il]);                               // bias after the softmax
@@ -518,7 +539,10 @@ ggml_tensor * llama_flow_graph::gate(ggml_context * ctx0, llm_graph_result * res
                 out_ids = o->out_ids;
             }
         }
-        GGML_ASSERT(out_ids && out_ids->ne[0] == n_cols && "flow: module input rows do not match the gate");
+        if (!out_ids || out_ids->ne[0] != n_cols) {
+            return fail(format("an adapted weight of layer %d in the %s graph reads %lld tokens, but the gate has %lld",
+                        il, llm_arch_name(ad.model.arch), (long long) n_cols, (long long) g->ne[1]));
+        }
         g_out = ggml_get_rows(ctx0, g, out_ids);
     }
     return g_out;
@@ -535,9 +559,16 @@ ggml_tensor * llama_flow_graph::apply(ggml_context * ctx0, llm_graph_result * re
         return y;
     }
     const llama_flow_weight & fw = it->second;
-    GGML_ASSERT(ggml_n_dims(cur) <= 2);
+    if (ggml_n_dims(cur) > 2) {
+        fail(format("the %s graph gives the adapted weight %s an input of shape %s, not [n_in, n_tokens]",
+                    llm_arch_name(ad.model.arch), w->name, shape_str(cur).c_str()));
+        return y;
+    }
 
     ggml_tensor * g = gate(ctx0, res, fw.il, cur->ne[1]);
+    if (!g) {
+        return y;
+    }
 
     ggml_tensor *& gah = group_out[{fw.group, cur}];
     if (!gah) {
@@ -626,10 +657,16 @@ const char * llama_flow_adapter_name(const llama_flow_adapter * adapter, int32_t
     return i >= 0 && i < adapter->k ? adapter->names[i].c_str() : nullptr;
 }
 
-int32_t llama_flow_set_adapter(llama_context * ctx, llama_flow_adapter * adapter) {
-    if (adapter && &adapter->model != &ctx->get_model()) {
-        LLAMA_LOG_ERROR("%s: the flow adapter was loaded for another model\n", __func__);
+int32_t llama_flow_set_adapter(llama_context * ctx, llama_flow_adapter * adapter, char * err, size_t err_size) {
+    auto refuse = [&](const std::string & msg) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, msg.c_str());
+        if (err && err_size > 0) {
+            snprintf(err, err_size, "%s", msg.c_str());
+        }
         return -1;
+    };
+    if (adapter && &adapter->model != &ctx->get_model()) {
+        return refuse("the flow adapter was loaded for another model");
     }
     llama_flow_state & st = ctx->flow;
     if (st.adapter == adapter) {
@@ -642,6 +679,25 @@ int32_t llama_flow_set_adapter(llama_context * ctx, llama_flow_adapter * adapter
         st.static_w.assign(adapter->gate_w.size()*adapter->k, 1.0f/adapter->k);
     }
     ctx->flow_changed();
+    if (!adapter) {
+        return 0;
+    }
+    // build the context's graphs now (as the next decode would), so an architecture whose
+    // graph the flow cannot follow is refused here, not computed without its LoRAs
+    std::string error;
+    st.graph_error.clear();
+    try {
+        ctx->sched_reserve();
+        error = st.graph_error;
+    } catch (const std::exception & e) {
+        error = e.what();
+    }
+    if (!error.empty()) {
+        st.adapter = nullptr;
+        st.static_w.clear();
+        ctx->flow_changed();
+        return refuse(error);
+    }
     return 0;
 }
 

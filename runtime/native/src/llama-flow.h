@@ -28,9 +28,13 @@ LLAMA_API int32_t      llama_flow_adapter_n_adapters(const struct llama_flow_ada
 LLAMA_API int32_t      llama_flow_adapter_n_layer   (const struct llama_flow_adapter * adapter);
 LLAMA_API const char * llama_flow_adapter_name      (const struct llama_flow_adapter * adapter, int32_t i);
 
-// Attach (or, with NULL, detach) a flow adapter on a context. Returns 0, or -1 when the
-// adapter was loaded for another model. The adapter must outlive its use by the context.
-LLAMA_API int32_t llama_flow_set_adapter(struct llama_context * ctx, struct llama_flow_adapter * adapter);
+// Attach (or, with NULL, detach) a flow adapter on a context. The context's graphs are built
+// at once with the adapter, so a model whose graph the flow cannot follow is refused here.
+// Returns 0, or -1 (the adapter stays detached) when the adapter was loaded for another model
+// or the graph does not fit; the reason goes into err (if err_size > 0). The adapter must
+// outlive its use by the context.
+LLAMA_API int32_t llama_flow_set_adapter(
+        struct llama_context * ctx, struct llama_flow_adapter * adapter, char * err, size_t err_size);
 
 // Choose the fusion mode. STATIC takes k weights (all layers) or n_layer * k weights
 // (layer-major); other modes take none. Returns 0, or -1 for bad arguments.

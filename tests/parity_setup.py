@@ -1,0 +1,92 @@
+"""The parity set-up shared by tests/test_parity.py and tests/check_arch.py: for a tiny model,
+LoRAs on every linear module, a random gate scaled to the model's layer inputs, the flow file,
+the runtime with it loaded and the PyTorch model of the method (gate_training.model.FlowModel)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fixtures import linear_modules, make_tiny_loras
+
+from loraflow import synthetic
+
+N_TOKENS = 64
+TOL = 1e-3  # of the logits' scale
+RUNTIME = dict(n_ctx=128, n_batch=N_TOKENS, n_ubatch=N_TOKENS, n_threads=2, logits_all=True, flash_attn=False,
+               type_k=0, type_v=0, verbose=False)  # type 0 = F32 KV cache
+
+
+def lora_spec(linears: list[str]) -> dict:
+    """name -> (rank, alpha, targets, rsLoRA, layers), for a layer whose linear modules are `linears`:
+    two LoRAs on everything PEFT's "all-linear" picks (one rsLoRA), a third on the first and the
+    last linear module of layer 1 only."""
+    return {
+        "lang": (4, 8, "all-linear", False, None),
+        "math": (8, 8, "all-linear", True, None),
+        "code": (2, 4, (linears[0], linears[-1]), False, [1]),
+    }
+
+
+def arch_loras(tm, work) -> dict:
+    """The three PEFT LoRAs of lora_spec for the tiny model `tm`, and N_TOKENS random tokens."""
+    import transformers
+
+    spec = lora_spec(linear_modules(tm.hf_dir))
+    loras = make_tiny_loras(tm.hf_dir, work, spec)
+    vocab = transformers.AutoConfig.from_pretrained(str(tm.hf_dir)).vocab_size
+    tokens = np.random.default_rng(0).integers(10, vocab, N_TOKENS).tolist()
+    return dict(tm=tm, work=work, loras=loras, spec=spec, tokens=tokens)
+
+
+def build_flow(arch_setup: dict, k: int) -> dict:
+    """The first k LoRAs of arch_setup and a random gate whose logits spread about 1 at every layer:
+    the flow file, FlowLlama with it (recording gates) and the FlowModel over the HF model."""
+    from transformers import AutoModelForCausalLM
+
+    from loraflow.converter.flow import convert_flow
+    from loraflow.gate_training.model import FlowModel
+    from loraflow.peft_io import read_peft_adapter
+    from loraflow.runtime import FlowLlama
+
+    tm, work = arch_setup["tm"], arch_setup["work"]
+    names = list(arch_setup["spec"])[:k]
+    temperature = 1.0 if k == 2 else 0.7
+    hf = AutoModelForCausalLM.from_pretrained(str(tm.hf_dir), dtype=torch.float32)
+    with torch.no_grad():  # the RMS of each layer's input, so every arch's gate logits spread about 1
+        hidden = hf(torch.tensor([arch_setup["tokens"]]), output_hidden_states=True).hidden_states[:tm.n_layer]
+    rms = [float(h.pow(2).mean().sqrt()) for h in hidden]
+    gate = synthetic.write_gate_checkpoint(work / f"gate{k}" / "gate.safetensors",
+                                           synthetic.random_gate(tm.n_layer, k, tm.n_embd, seed=k, input_rms=rms),
+                                           names, temperature=temperature)
+    flow = convert_flow(tm.gguf, [(n, arch_setup["loras"][n]) for n in names], gate, work / f"flow{k}.gguf",
+                        force=True)
+    llm = FlowLlama(str(tm.gguf), flow_path=str(flow), record_gates=True, **RUNTIME)
+    model = FlowModel(hf, [read_peft_adapter(arch_setup["loras"][n]) for n in names], names)
+    model.load_gate(gate)
+    return dict(llm=llm, model=model, names=names, tokens=arch_setup["tokens"], k=k, n_layer=tm.n_layer,
+                arch=tm.arch, gate=gate)
+
+
+def torch_logits(model, tokens):
+    with torch.no_grad():
+        return model.forward(torch.tensor([tokens])).logits[0].numpy()
+
+
+def runtime_token_by_token(llm, tokens):
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    for t in tokens:
+        llm.eval([t])
+    return np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+
+
+def modes_for(setup):
+    rng = np.random.default_rng(1)
+    per_layer = rng.uniform(-0.5, 1.5, (setup["n_layer"], setup["k"])).round(3).tolist()
+    return [("dynamic", None), ("static", per_layer), ("static", [0.7] + [0.4] * (setup["k"] - 1)),
+            ("average", None), ("off", None)] + [(f"single:{n}", None) for n in setup["names"]]
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
