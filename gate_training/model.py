@@ -81,6 +81,15 @@ class FlowLinear(nn.Module):
         return y + F.linear(z, self.b_cat)
 
 
+def _submodule(root: nn.Module, path: str, cls: type):
+    """root's submodule at the dotted `path` if it is a `cls`, else None."""
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if isinstance(module, cls) else None
+
+
 def decoder_layers(hf_model: nn.Module, adapters: list[PeftAdapter]) -> nn.ModuleList:
     """The decoder layer list the adapters' parameter names point at (model.layers, transformer.h,
     model.language_model.layers, ...), looked up in the model as PEFT names it."""
@@ -88,11 +97,8 @@ def decoder_layers(hf_model: nn.Module, adapters: list[PeftAdapter]) -> nn.Modul
     if len(paths) != 1:
         raise LoraFlowError(f"the adapters adapt different layer lists: {sorted(paths)}")
     path = paths.pop()
-    try:
-        layers = hf_model.get_submodule(path)
-    except AttributeError:
-        layers = None
-    if not isinstance(layers, nn.ModuleList):
+    layers = _submodule(hf_model, path, nn.ModuleList)
+    if layers is None:
         raise FormatError(f"the adapters adapt the layers {path}.N, which {type(hf_model).__name__} does not have "
                           "(LoRAs trained on another model?)")
     return layers
@@ -153,11 +159,8 @@ class FlowModel(nn.Module):
             layer = layers[l]
             covered = [a.weights.get((l, module)) for a in adapters]
             who = [n for n, c in zip(names, covered) if c is not None]
-            try:
-                base = layer.get_submodule(module)
-            except AttributeError:
-                base = None
-            if not isinstance(base, nn.Linear):
+            base = _submodule(layer, module, nn.Linear)
+            if base is None:
                 raise FormatError(f"adapters {who} have LoRA on layer {l} {module}, which layer {l} of "
                                   f"{type(self.model).__name__} does not have as a linear module")
             loras = []

@@ -9,7 +9,9 @@ every linear module PEFT's "all-linear" picks (ranks 4 and 8, one rsLoRA) and a 
 modules of layer 1; a random gate; the flow file. Then the runtime's logits against the PyTorch
 model in dynamic, static (per layer) and off modes, k = 2 and 3, one batch and token by token.
 Prints one line per model_type: PASS (largest error relative to the logits' scale below 1e-3),
-FAIL with the errors, or REFUSED/ERROR with the reason. The exit status is non-zero unless all pass.
+FAIL with the errors, REFUSED with LoRA-Flow's reason, NO BASE when llama.cpp itself cannot
+convert or load the tiny model (a mismatch between transformers' and llama.cpp's idea of the
+config, nothing LoRA-Flow can mend), or ERROR. The exit status is non-zero unless all pass.
 `--tokenizer spm` gives the model a SentencePiece tokenizer (some llama.cpp converters need one).
 """
 
@@ -32,9 +34,13 @@ from loraflow.errors import LoraFlowError  # noqa: E402
 def check(models: TinyModels, model_type: str, work: Path, tokenizer: str) -> tuple[str, str]:
     try:
         tm = models.get(model_type, tokenizer=tokenizer)
-        setup = arch_loras(tm, work)
     except LoraFlowError as e:
-        return "REFUSED", str(e)
+        lines = str(e).strip().splitlines()  # the converter's error: what failed, and its last line (why)
+        reason = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "")
+        return ("REFUSED" if "LoRA-Flow supports" in str(e) else "NO BASE"), reason
+    if not llama_cpp_loads(tm.gguf):
+        return "NO BASE", f"llama.cpp converts the tiny {model_type} model but cannot load it"
+    setup = arch_loras(tm, work)
     errors = {}
     for k in (2, 3):
         try:
@@ -54,6 +60,16 @@ def check(models: TinyModels, model_type: str, work: Path, tokenizer: str) -> tu
     worst = max(errors.values())
     detail = ", ".join(f"{name} {err:.1e}" for name, err in errors.items())
     return ("PASS" if worst < TOL else "FAIL"), detail
+
+
+def llama_cpp_loads(gguf) -> bool:
+    import llama_cpp
+
+    try:
+        llama_cpp.Llama(str(gguf), n_ctx=32, verbose=False).close()
+    except ValueError:
+        return False
+    return True
 
 
 def main() -> int:

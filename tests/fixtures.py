@@ -32,7 +32,7 @@ import numpy as np
 from loraflow import schema
 from loraflow.synthetic import LLAMA_TARGETS
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3", "bloom")
 TINY_SEEDS = {arch: 11 + i for i, arch in enumerate(TINY_ARCHS)}
 ALL_TARGETS = LLAMA_TARGETS  # q, k, v, o, gate, up, down of a llama-family layer
 # what llama.cpp calls them (the tests' own record, to check the converter's placement against)
@@ -64,6 +64,9 @@ _ARCHS = {
     "olmo2": ("Olmo2Config", dict(num_hidden_layers=2, head_dim=None, tie_word_embeddings=False)),
     # every 4th layer without RoPE (the interval llama.cpp's smollm3 graph assumes)
     "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4)),
+    # a norm on the embeddings before layer 0, ALiBi, fused query_key_value, layers at transformer.h
+    "bloom": ("BloomConfig", dict(num_hidden_layers=2, intermediate_size=None, num_key_value_heads=None,
+                                  head_dim=None)),
 }
 SENTENCEPIECE_ARCHS = ("gemma2", "phi3")
 
@@ -141,7 +144,9 @@ def make_tiny_model(arch: str, dir, seed: int = 0, spm: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dir = Path(dir)
-    config_cls, extra = _ARCHS.get(arch, (None, dict(num_hidden_layers=2)))
+    # any other family: its own output matrix (some llama.cpp graphs require one), head_dim from
+    # the head count (some configs derive it and cannot take it)
+    config_cls, extra = _ARCHS.get(arch, (None, dict(num_hidden_layers=2, tie_word_embeddings=False, head_dim=None)))
     make_config = getattr(transformers, config_cls) if config_cls else \
         (lambda **kw: transformers.AutoConfig.for_model(arch, **kw))
     tok_dir = tokenizer_dir(arch, spm)
@@ -187,7 +192,8 @@ def make_tiny_lora(model_dir, out_dir, r: int = 8, alpha: float = 16, targets=AL
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for module in peft_model.modules():
-            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            if isinstance(module, LoraLayer) and "default" in module.lora_A and \
+                    isinstance(module.get_base_layer(), torch.nn.Linear):
                 a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
                 delta = module.scaling["default"] * (b @ a)
                 b.mul_(strength * module.get_base_layer().weight.norm() / delta.norm())
@@ -202,8 +208,9 @@ def linear_modules(model_dir) -> list[str]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
-    return [name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    n_layer = model.config.get_text_config().num_hidden_layers
+    layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layer)
+    return [name.rsplit(".", 1)[-1] for name, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def make_tiny_loras(model_dir, out_root, spec: dict) -> dict:

@@ -1,8 +1,8 @@
 """The converter: base HF -> GGUF through llama.cpp, PEFT adapters + gate -> LoRA-Flow GGUF.
 
 Expected tensors are rebuilt here from the PEFT safetensors directly (not through
-loraflow.peft_io), for every tiny arch with llama-style projection names (Phi-3's fused ones
-are the parity tests' business), with the q/k row order read off the base weights llama.cpp's
+loraflow.peft_io), for every tiny arch with llama-style projection names (Phi-3's and Bloom's
+fused ones are the parity tests' business), with the q/k row order read off the base weights llama.cpp's
 own converter wrote (unchanged, or llama's RoPE pairs) and derived independently.
 """
 
@@ -30,7 +30,7 @@ PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-CONVERTER_ARCHS = tuple(a for a in TINY_ARCHS if a != "phi3")
+CONVERTER_ARCHS = tuple(a for a in TINY_ARCHS if a not in ("phi3", "bloom"))  # llama-style projections
 
 
 @pytest.fixture(scope="module")

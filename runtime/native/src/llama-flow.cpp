@@ -468,16 +468,30 @@ public:
 // The gate's input, the residual stream entering layer l, is found by name, the same way for
 // every architecture: llama.cpp's graph builders name each layer's output "l_out" (after the
 // residual add and the control vector: what the next layer reads), and the embeddings "embd"
-// (build_inp_embd, after any embedding multiplier) or "inp_scaled" (where the builder scales
-// them after that, as Gemma's sqrt(n_embd)); for layer 0 the last of those wins.
+// (build_inp_embd, after any embedding multiplier); a builder that goes on to scale or normalize
+// them names the result too, so for layer 0 the last of these names seen before the layer wins.
+static const char * const LLAMA_FLOW_EMBD_NAMES[] = {
+    "embd",            // build_inp_embd
+    "inp_scaled",      // Gemma's sqrt(n_embd), MiniCPM3
+    "inp_embd_scaled", // AFMoE
+    "inp_norm",        // a norm on the embeddings: Bloom, Talkie
+    "embd_norm",
+};
+
 void llama_flow_graph::observe(ggml_tensor * t, const char * name, int il) {
     if (!state || !state->active()) {
         return;
     }
-    if (il == -1 && (strcmp(name, "embd") == 0 || strcmp(name, "inp_scaled") == 0)) {
-        layer_inp[0] = t;
-    } else if (il >= 0 && strcmp(name, "l_out") == 0) {
+    if (il >= 0 && strcmp(name, "l_out") == 0) {
         layer_inp[il + 1] = t;
+        return;
+    }
+    if (il <= 0 && !gate_exp.count(0)) { // some builders tag the embeddings' norm as layer 0's
+        for (const char * embd : LLAMA_FLOW_EMBD_NAMES) {
+            if (strcmp(name, embd) == 0) {
+                layer_inp[0] = t;
+            }
+        }
     }
 }
 
