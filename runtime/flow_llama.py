@@ -15,11 +15,40 @@ import numpy as np
 import llama_cpp
 
 from loraflow.errors import FormatError, LoraFlowError, NativeError
-from loraflow.modes import resolve_mode
+from loraflow.modes import Mode, resolve_mode
 from loraflow.runtime import _bindings as B
 from loraflow.runtime.adapter import FlowAdapter
 
 _MODE_CODES = {"off": B.LLAMA_FLOW_MODE_OFF, "dynamic": B.LLAMA_FLOW_MODE_DYNAMIC, "static": B.LLAMA_FLOW_MODE_STATIC}
+
+
+def set_native_mode(ctx, flow: FlowAdapter, mode: str, weights=None, seq_id: Optional[int] = None) -> Mode:
+    """Set a fusion mode on a llama_context: the context's (every sequence without its own), or
+    sequence `seq_id`'s. Returns the resolved mode."""
+    resolved = resolve_mode(mode, flow.names, flow.n_layer, weights)
+    buf = None if resolved.weights is None else np.ascontiguousarray(resolved.weights, dtype=np.float32).ravel()
+    ptr = None if buf is None else buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    n = 0 if buf is None else buf.size
+    code = _MODE_CODES[resolved.kind]
+    rc = B.llama_flow_set_mode(ctx, code, ptr, n) if seq_id is None else \
+        B.llama_flow_set_seq_mode(ctx, seq_id, code, ptr, n)
+    if rc != 0:
+        raise NativeError(f"the runtime refused mode '{mode}'" + ("" if seq_id is None else f" for sequence {seq_id}"))
+    return resolved
+
+
+def recorded_gates(ctx, flow: FlowAdapter) -> np.ndarray:
+    """The fusion weights the last llama_decode on `ctx` recorded: [n_tokens, n_layer, k], in
+    batch order (the gate's for gated tokens, the fixed weights for the others)."""
+    n_layer, k = flow.n_layer, flow.n_adapters
+    n = B.llama_flow_n_recorded(ctx)
+    out = np.empty((n, n_layer, k), dtype=np.float32)
+    for il in range(n_layer):
+        ptr = B.llama_flow_get_gates(ctx, il)
+        if not ptr:
+            raise NativeError(f"no gate weights recorded for layer {il}")
+        out[:, il, :] = np.ctypeslib.as_array(ptr, shape=(n * k,)).reshape(n, k)
+    return out
 
 
 class FlowLlama(llama_cpp.Llama):
@@ -98,15 +127,7 @@ class FlowLlama(llama_cpp.Llama):
             if mode != "off":
                 raise LoraFlowError(f"mode '{mode}' needs a flow adapter; load one with flow_path=")
             return
-        resolved = resolve_mode(mode, self.flow.names, self.flow.n_layer, weights)
-        if resolved.weights is not None:
-            buf = resolved.weights.ravel()
-            ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            rc = B.llama_flow_set_mode(self._ctx.ctx, _MODE_CODES["static"], ptr, buf.size)
-        else:
-            rc = B.llama_flow_set_mode(self._ctx.ctx, _MODE_CODES[resolved.kind], None, 0)
-        if rc != 0:
-            raise NativeError(f"llama_flow_set_mode refused mode '{mode}'")
+        resolved = set_native_mode(self._ctx.ctx, self.flow, mode, weights)
         self._mode = mode
         self._static_weights = resolved.weights
         self.reset()
@@ -135,19 +156,7 @@ class FlowLlama(llama_cpp.Llama):
     def _collect_gates(self) -> None:
         if self.flow is None or self._mode == "off":
             return
-        n_layer, k = self.flow.n_layer, self.flow.n_adapters
-        if self._mode == "dynamic":
-            n = B.llama_flow_n_recorded(self._ctx.ctx)
-            out = np.empty((n, n_layer, k), dtype=np.float32)
-            for il in range(n_layer):
-                ptr = B.llama_flow_get_gates(self._ctx.ctx, il)
-                if not ptr:
-                    raise NativeError(f"no gate weights recorded for layer {il}")
-                out[:, il, :] = np.ctypeslib.as_array(ptr, shape=(n * k,)).reshape(n, k)
-        else:
-            n = self._batch.batch.n_tokens
-            out = np.broadcast_to(self._static_weights, (n, n_layer, k)).copy()
-        self._gate_log.append(out)
+        self._gate_log.append(recorded_gates(self._ctx.ctx, self.flow))
 
     # convenience
 

@@ -128,3 +128,93 @@ def tolerances(setup) -> dict[str, float]:
         print(f"[parity] {setup['arch']} stock llama.cpp on the device: batch {batch:.1e}, token by token "
               f"{token:.1e} -> tolerances {setup['tolerances']}")
     return setup["tolerances"]
+
+
+class MultiSeqContext:
+    """A second llama_context of a FlowLlama's model with n_seq sequences and the same flow
+    adapter and mode (each sequence may get its own: set_seq_mode), for decoding batches that mix
+    sequences. FlowLlama's own context holds one sequence (llama-cpp-python makes it so).
+    With flow=False it is stock llama.cpp's context of the base alone (no adapter set)."""
+
+    def __init__(self, llm, n_seq: int, kv_unified: bool = False, flow: bool = True):
+        import ctypes
+
+        import llama_cpp
+        from llama_cpp import _internals
+
+        from loraflow.runtime import _bindings as B
+        from loraflow.runtime.flow_llama import set_native_mode
+
+        self.B, self.llm, self.flow = B, llm, flow
+        params = llama_cpp.llama_context_default_params()
+        ctypes.memmove(ctypes.byref(params), ctypes.byref(llm.context_params), ctypes.sizeof(params))
+        params.n_seq_max = n_seq
+        params.kv_unified = kv_unified
+        # room for each sequence, and batches longer than a ubatch (llama.cpp splits them)
+        params.n_ctx = max(params.n_ctx, 128 * n_seq)
+        params.n_batch = max(params.n_batch, 512)
+        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        if flow:
+            assert B.llama_flow_set_adapter(self.ctx.ctx, llm.flow.ptr, None, 0) == 0
+            set_native_mode(self.ctx.ctx, llm.flow, llm.mode, llm._static_weights if llm.mode == "static" else None)
+            B.llama_flow_set_record(self.ctx.ctx, True)
+        self.batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=n_seq, verbose=False)
+
+    def set_seq_mode(self, seq_id: int, mode: str, weights=None) -> None:
+        from loraflow.runtime.flow_llama import set_native_mode
+
+        set_native_mode(self.ctx.ctx, self.llm.flow, mode, weights, seq_id=seq_id)
+
+    def decode(self, seqs):
+        """Decode the token lists `seqs` (sequence i gets seq_id i, positions from 0) in ONE batch;
+        return per sequence its logits and the gate rows recorded in batch order."""
+        self.batch.reset()
+        for i, tokens in enumerate(seqs):
+            self.batch.add_sequence(tokens, i, True)
+        self.ctx.decode(self.batch)
+        n_vocab = self.llm.n_vocab()
+        total = sum(map(len, seqs))
+        logits = np.array([np.ctypeslib.as_array(self.ctx.get_logits_ith(i), shape=(n_vocab,)) for i in range(total)])
+        n = self.B.llama_flow_n_recorded(self.ctx.ctx) if self.flow else 0
+        k = self.llm.flow.n_adapters
+        gates = None
+        if n:
+            gates = np.stack([np.ctypeslib.as_array(self.B.llama_flow_get_gates(self.ctx.ctx, il), shape=(n * k,))
+                              .reshape(n, k) for il in range(self.llm.flow.n_layer)], axis=1)
+        bounds = np.cumsum([0] + [len(s) for s in seqs])
+        return [logits[a:b] for a, b in zip(bounds, bounds[1:])], gates
+
+    def decode_each(self, seqs):
+        """Each of `seqs` decoded alone (the cache cleared in between): their logits."""
+        out = []
+        for tokens in seqs:
+            self.ctx.kv_cache_clear()
+            out.append(self.decode([tokens])[0][0])
+        self.ctx.kv_cache_clear()
+        return out
+
+    def close(self):
+        if self.flow:
+            self.B.llama_flow_set_adapter(self.ctx.ctx, None, None, 0)
+        self.ctx.close()
+        self.batch.close()
+
+
+BATCH_TOL = 1e-4  # a sequence in a batch against the same sequence alone, of the logits' scale
+
+
+def batch_tolerance(llm, seqs) -> float:
+    """BATCH_TOL on the CPU. On a GPU backend a batch's kernels differ from a lone sequence's
+    (other tile shapes, other summation orders), so the bound is the larger of BATCH_TOL and
+    DEVICE_SLACK times what stock llama.cpp's base alone shows there for the same sequences."""
+    if GPU_LAYERS == 0:
+        return BATCH_TOL
+    stock = MultiSeqContext(llm, len(seqs), flow=False)
+    try:
+        batched = stock.decode(seqs)[0]
+        each = stock.decode_each(seqs)
+    finally:
+        stock.close()
+    err = max(rel_err(b, e) for b, e in zip(batched, each))
+    print(f"[batch] stock llama.cpp on the device, {len(seqs)} sequences in a batch vs alone: {err:.1e}")
+    return max(BATCH_TOL, DEVICE_SLACK * err)

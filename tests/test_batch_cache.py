@@ -9,18 +9,15 @@ flow adapter set, through llama.cpp's low-level API; the prompts alone run on Fl
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 
-from parity_setup import GPU_LAYERS  # noqa: E402
+from parity_setup import GPU_LAYERS, MultiSeqContext, batch_tolerance  # noqa: E402
 from tiny_flow import build_tiny_flow  # noqa: E402
 
 PROMPTS = [b"The quick brown fox jumps over the lazy dog", b"One two three four five", b"Why is the sky blue?"]
-TOL = 1e-4  # relative to the logits' scale
 
 
 def rel_err(a, b):
@@ -37,7 +34,8 @@ def setup(tiny_models, tmp_path_factory):
                     n_gpu_layers=GPU_LAYERS,
                     record_gates=True)
     prompts = [llm.tokenize(p, add_bos=False) for p in PROMPTS]
-    yield dict(llm=llm, base=str(tm.gguf), flow=str(flow), prompts=prompts, n_layer=tm.n_layer)
+    tol = batch_tolerance(llm, prompts)
+    yield dict(llm=llm, base=str(tm.gguf), flow=str(flow), prompts=prompts, n_layer=tm.n_layer, tol=tol)
     llm.close()
 
 
@@ -48,60 +46,6 @@ def alone(llm, tokens):
     gates = llm.gate_weights()
     llm.clear_gate_log()
     return logits, gates
-
-
-class MultiSeqContext:
-    """A second llama_context of FlowLlama's model with n_seq_max sequences and the same flow
-    adapter and mode, for decoding batches that mix sequences."""
-
-    def __init__(self, llm, n_seq: int, kv_unified: bool):
-        import llama_cpp
-        from llama_cpp import _internals
-
-        from loraflow.runtime import _bindings as B
-
-        self.B, self.llm = B, llm
-        params = llama_cpp.llama_context_default_params()
-        ctypes.memmove(ctypes.byref(params), ctypes.byref(llm.context_params), ctypes.sizeof(params))
-        params.n_seq_max = n_seq
-        params.kv_unified = kv_unified
-        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
-        assert B.llama_flow_set_adapter(self.ctx.ctx, llm.flow.ptr, None, 0) == 0
-        w = llm._static_weights
-        if llm.mode == "static":
-            buf = np.ascontiguousarray(w, dtype=np.float32).ravel()
-            rc = B.llama_flow_set_mode(self.ctx.ctx, B.LLAMA_FLOW_MODE_STATIC,
-                                       buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size)
-        else:
-            code = B.LLAMA_FLOW_MODE_OFF if llm.mode == "off" else B.LLAMA_FLOW_MODE_DYNAMIC
-            rc = B.llama_flow_set_mode(self.ctx.ctx, code, None, 0)
-        assert rc == 0
-        B.llama_flow_set_record(self.ctx.ctx, True)
-        self.batch = _internals.LlamaBatch(n_tokens=256, embd=0, n_seq_max=n_seq, verbose=False)
-
-    def decode(self, seqs):
-        """Decode the token lists `seqs` (sequence i gets seq_id i, positions from 0) in ONE batch;
-        return per sequence its logits and the gate rows recorded in batch order."""
-        self.batch.reset()
-        for i, tokens in enumerate(seqs):
-            self.batch.add_sequence(tokens, i, True)
-        self.ctx.decode(self.batch)
-        n_vocab = self.llm.n_vocab()
-        total = sum(map(len, seqs))
-        logits = np.array([np.ctypeslib.as_array(self.ctx.get_logits_ith(i), shape=(n_vocab,)) for i in range(total)])
-        n = self.B.llama_flow_n_recorded(self.ctx.ctx)
-        k = self.llm.flow.n_adapters
-        gates = None
-        if n:
-            gates = np.stack([np.ctypeslib.as_array(self.B.llama_flow_get_gates(self.ctx.ctx, il), shape=(n * k,))
-                              .reshape(n, k) for il in range(self.llm.flow.n_layer)], axis=1)
-        bounds = np.cumsum([0] + [len(s) for s in seqs])
-        return [logits[a:b] for a, b in zip(bounds, bounds[1:])], gates
-
-    def close(self):
-        self.B.llama_flow_set_adapter(self.ctx.ctx, None, None, 0)
-        self.ctx.close()
-        self.batch.close()
 
 
 @pytest.mark.parametrize("kv_unified", [False, True], ids=["kv-per-seq", "kv-unified"])
@@ -122,7 +66,7 @@ def test_prompts_in_one_batch_equal_each_alone(setup, n_seq, mode, weights, kv_u
         llm.set_mode("dynamic")
     for i, ((ref_logits, _), got) in enumerate(zip(refs, logits)):
         assert got.shape == ref_logits.shape
-        assert rel_err(got, ref_logits) < TOL, f"sequence {i}: {rel_err(got, ref_logits):.2e}"
+        assert rel_err(got, ref_logits) < setup["tol"], f"sequence {i}: {rel_err(got, ref_logits):.2e}"
     if mode == "dynamic":
         # the same per-token weights, whichever way llama.cpp split the batch into ubatches
         ref_gates = np.concatenate([g for _, g in refs])
@@ -197,7 +141,7 @@ def test_kv_cache_reuse_across_calls(setup):
     finally:
         fresh_llm.close()
     assert reused["choices"][0]["text"] == fresh["choices"][0]["text"]
-    assert rel_err(scores_reused, scores_fresh) < TOL
+    assert rel_err(scores_reused, scores_fresh) < setup["tol"]
 
 
 def test_mode_switch_does_not_reuse_stale_cache(setup):
@@ -213,7 +157,7 @@ def test_mode_switch_does_not_reuse_stale_cache(setup):
     llm.create_completion(p, max_tokens=1, temperature=0.0)  # a cached prompt, mode changed in between
     got = np.array(llm.scores[: len(after)], dtype=np.float32)
     llm.set_mode("dynamic")
-    assert rel_err(got, after) < TOL
+    assert rel_err(got, after) < setup["tol"]
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "off"])

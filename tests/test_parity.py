@@ -20,8 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fixtures import PARITY_ARCHS  # noqa: E402
-from parity_setup import (N_TOKENS, RUNTIME, TOL, arch_loras, build_flow, modes_for, rel_err,  # noqa: E402
-                          runtime_token_by_token, tolerances, torch_logits)
+from parity_setup import (N_TOKENS, RUNTIME, TOL, MultiSeqContext, arch_loras, batch_tolerance,  # noqa: E402
+                          build_flow, modes_for, rel_err, runtime_token_by_token, tolerances, torch_logits)
 
 from loraflow.llama_source import llama_cpp_source_dir  # noqa: E402
 
@@ -75,6 +75,35 @@ def test_runtime_matches_torch(flow_setup, mode_index):
     assert rel_err(batch, ref) < tol["batch"], f"{mode} {weights}: batch differs by {rel_err(batch, ref):.2e}"
     assert rel_err(one_by_one, ref) < tol["token"], \
         f"{mode} {weights}: token by token differs by {rel_err(one_by_one, ref):.2e}"
+
+
+def test_every_mode_in_one_batch(flow_setup):
+    """One sequence in each mode, all in one batch (the mode is data of the graph: no new graph,
+    and llama.cpp splits the batch into ubatches that mix them): each sequence gets the logits it
+    gets alone in its mode, and the recorded weights are its own (the gate's, or its fixed ones)."""
+    llm, tokens = flow_setup["llm"], flow_setup["tokens"]
+    modes = modes_for(flow_setup)
+    seqs = [tokens[5 * i:] + tokens[:5 * i] for i in range(len(modes))]
+    seqs = [s[:24] for s in seqs]
+    alone = []
+    for (mode, weights), seq in zip(modes, seqs):
+        llm.set_mode(mode, weights)
+        llm.clear_gate_log()
+        alone.append((llm.eval_logits(seq), llm.gate_weights()))
+    llm.set_mode("dynamic")
+    multi = MultiSeqContext(llm, len(modes))
+    try:
+        for i, (mode, weights) in enumerate(modes):
+            multi.set_seq_mode(i, mode, weights)
+        logits, gates = multi.decode(seqs)
+    finally:
+        multi.close()
+    bounds = np.cumsum([0] + [len(s) for s in seqs])
+    tol = batch_tolerance(llm, seqs)
+    for i, ((mode, weights), (ref, ref_gates), got) in enumerate(zip(modes, alone, logits)):
+        assert rel_err(got, ref) < tol, f"sequence {i} ({mode}) in the mixed batch: {rel_err(got, ref):.2e}"
+        if mode != "off":  # FlowLlama records nothing in off mode
+            assert np.abs(gates[bounds[i]:bounds[i + 1]] - ref_gates).max() < 1e-4, f"sequence {i} ({mode})"
 
 
 def test_modes_are_not_trivially_equal(flow_setup):

@@ -40,7 +40,7 @@ struct llama_flow_adapter {
     std::vector<std::string> names;
 
     std::vector<ggml_tensor *> gate_w; // per layer, [n_embd, k] F32
-    std::vector<ggml_tensor *> gate_b; // per layer, [k] F32
+    std::vector<float>         gate_b; // [n_layer][k], on the host: a graph input (llama_flow_mix)
 
     std::unordered_map<const ggml_tensor *, llama_flow_weight> weights; // keyed by base weight
     std::vector<llama_flow_group> groups;
@@ -54,13 +54,25 @@ struct llama_flow_adapter {
     uint32_t n_nodes() const { return 5u*weights.size() + 2u*groups.size() + 8u*gate_w.size() + 16u; }
 };
 
+// How one sequence's tokens are fused: the gate (dynamic), or fixed weights (static, average,
+// single and off are all fixed weights: off is zeros). Data of the graph, not its shape.
+struct llama_flow_mix {
+    bool dynamic = true;
+    std::vector<float> w; // [n_layer][k] when not dynamic
+};
+
 // What a context has set; lives in llama_context.
 struct llama_flow_state {
     llama_flow_adapter * adapter = nullptr;
-    llama_flow_mode      mode    = LLAMA_FLOW_MODE_DYNAMIC;
-    std::vector<float>   static_w; // [n_layer][k]
+    llama_flow_mix       mix;                               // the context's: sequences without their own
+    std::map<int32_t, llama_flow_mix> seq_mix;              // seq_id -> its own
     bool                 record  = false;
     uint32_t             gen     = 0; // bumped by every change that alters the graph
+
+    const llama_flow_mix & mix_of(int32_t seq_id) const {
+        const auto it = seq_mix.find(seq_id);
+        return it == seq_mix.end() ? mix : it->second;
+    }
 
     std::vector<std::vector<float>> gates; // recorded, per layer [n_recorded][k]
     int32_t n_recorded = 0;
@@ -68,7 +80,7 @@ struct llama_flow_state {
     // set while a graph is built when the flow cannot be applied to it (see llama_flow_set_adapter)
     mutable std::string graph_error;
 
-    bool active() const { return adapter && mode != LLAMA_FLOW_MODE_OFF; }
+    bool active() const { return adapter != nullptr; }
 
     // copy the gate weights of an evaluated ubatch to the host (when recording), in batch order;
     // n_prev: tokens of this batch in earlier ubatches
@@ -95,7 +107,8 @@ private:
 
     std::map<int32_t, ggml_tensor *> layer_inp;                      // il -> residual stream entering layer il
 
-    ggml_tensor * static_inp = nullptr;                              // [k, n_layer]
+    ggml_tensor * mix_mask = nullptr;                                // [1, n_tokens]: 1 for gated tokens
+    std::vector<ggml_tensor *> mix_add;                              // per layer [k, n_tokens]: b_l or fixed w
     std::map<int32_t, ggml_tensor *> gate_exp;                       // il -> [k, n_tokens] (or [k, 1])
     std::map<int32_t, ggml_tensor *> gate_exp_out;                   // il -> rows of the output tokens
     std::map<std::pair<int32_t, const ggml_tensor *>, ggml_tensor *> group_out; // (group, input) -> g * (A h)

@@ -325,7 +325,6 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
     std::vector<upload> uploads;
 
     ad->gate_w.resize(n_layer);
-    ad->gate_b.resize(n_layer);
     for (int64_t il = 0; il < n_layer; ++il) {
         // placed with an adapted weight of the same layer (that layer's device when offloading)
         auto same_layer = loras.lower_bound({il, std::string()});
@@ -333,9 +332,7 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
             same_layer->second.base : loras.begin()->second.base;
         ggml_context * c = ctx_for(anchor);
         ad->gate_w[il] = ggml_dup_tensor(c, gate_w[il]);
-        ad->gate_b[il] = ggml_dup_tensor(c, gate_b[il]);
         uploads.push_back({ COPY, ad->gate_w[il], { gate_w[il] } });
-        uploads.push_back({ COPY, ad->gate_b[il], { gate_b[il] } });
     }
 
     // groups: per layer, the members of one LLAMA_FLOW_SHARED_INPUT set with the same A type;
@@ -437,25 +434,52 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
         }
         ggml_backend_tensor_set(up.dst, host.data(), 0, host.size());
     }
+    // the biases stay on the host: a graph input, with the fixed weights of the static modes
+    ad->gate_b.resize(n_layer*k);
+    for (int64_t il = 0; il < n_layer; ++il) {
+        const std::vector<uint8_t> data = read_tensor(gate_b[il]);
+        memcpy(ad->gate_b.data() + il*k, data.data(), k*sizeof(float));
+    }
 
     LLAMA_LOG_INFO("%s: loaded flow adapter: %d LoRAs, total rank %d, %zu weights in %zu groups\n",
             __func__, ad->k, ad->n_rank, ad->weights.size(), ad->groups.size());
     return ad;
 }
 
-// Static weights reach the graph as an input, so changing them needs no new graph.
-class llm_graph_input_flow_static : public llm_graph_input_i {
+// How each token is fused reaches the graph as data, so any mix of modes in a batch, and any
+// change of modes, needs no new graph: per token, w = m * softmax(W x / T) + a, with m = 1 and
+// a = b_l for a gated sequence, m = 0 and a = its fixed weights for the others.
+class llm_graph_input_flow_mix : public llm_graph_input_i {
 public:
-    llm_graph_input_flow_static(ggml_tensor * w, const llama_flow_state * state) : w(w), state(state) {}
+    llm_graph_input_flow_mix(ggml_tensor * mask, std::vector<ggml_tensor *> add, const llama_flow_state * state)
+        : mask(mask), add(std::move(add)), state(state) {}
 
-    void set_input(const llama_ubatch *) override {
-        ggml_backend_tensor_set(w, state->static_w.data(), 0, ggml_nbytes(w));
+    void set_input(const llama_ubatch * ubatch) override {
+        const llama_flow_adapter & ad = *state->adapter;
+        const int64_t n_tokens = mask->ne[1];
+        const size_t k = ad.k;
+        GGML_ASSERT(ubatch->n_tokens == n_tokens);
+        std::vector<float> m(n_tokens);
+        std::vector<float> a(add.size()*n_tokens*k);
+        for (int64_t i = 0; i < n_tokens; ++i) {
+            const llama_flow_mix & mix = state->mix_of(ubatch->seq_id[i][0]);
+            m[i] = mix.dynamic ? 1.0f : 0.0f;
+            const std::vector<float> & src = mix.dynamic ? ad.gate_b : mix.w;
+            for (size_t il = 0; il < add.size(); ++il) {
+                std::copy_n(src.data() + il*k, k, a.data() + (il*n_tokens + i)*k);
+            }
+        }
+        ggml_backend_tensor_set(mask, m.data(), 0, ggml_nbytes(mask));
+        for (size_t il = 0; il < add.size(); ++il) {
+            ggml_backend_tensor_set(add[il], a.data() + il*n_tokens*k, 0, ggml_nbytes(add[il]));
+        }
     }
     bool can_reuse(const llm_graph_params & params) override {
-        return params.flow == state;
+        return params.flow == state && params.ubatch.n_tokens == mask->ne[1];
     }
 
-    ggml_tensor * w;
+    ggml_tensor * mask;
+    std::vector<ggml_tensor *> add;
     const llama_flow_state * state;
 };
 
@@ -509,38 +533,40 @@ ggml_tensor * llama_flow_graph::gate(ggml_context * ctx0, llm_graph_result * res
 
     ggml_tensor *& g = gate_exp[il];
     if (!g) {
-        ggml_tensor * w;
-        if (state->mode == LLAMA_FLOW_MODE_DYNAMIC) {
-            const auto it = layer_inp.find(il);
-            if (it == layer_inp.end()) {
-                return fail(format("the %s graph does not name the input of layer %d (the previous layer's \"l_out\", "
-                            "or \"embd\"/\"inp_scaled\" for layer 0), so the gate has no input: this architecture's "
-                            "graph is not a standard decoder loop", llm_arch_name(ad.model.arch), il));
-            }
-            ggml_tensor * x = it->second;
-            if (x->ne[0] != ad.gate_w[il]->ne[0] || ggml_n_dims(x) > 2) {
-                return fail(format("the input of layer %d in the %s graph is %s, expected [n_embd = %lld, n_tokens]",
-                            il, llm_arch_name(ad.model.arch), shape_str(x).c_str(), (long long) ad.gate_w[il]->ne[0]));
-            }
-            w = ggml_mul_mat(ctx0, ad.gate_w[il], x);                           // [k, n_tokens]
-            w = ggml_soft_max_ext(ctx0, w, nullptr, 1.0f/ad.temperature, 0.0f);
-            w = ggml_add(ctx0, w, ad.gate_b[il]);                               // bias after the softmax
-            if (state->record) {
-                ggml_set_output(w);
-                res->t_flow_gate[il] = w;
-            }
-        } else {
-            if (!static_inp) {
-                static_inp = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, ad.k, (int64_t) ad.gate_w.size());
-                ggml_set_input(static_inp);
-                ggml_set_name(static_inp, "flow_static_w");
-                res->add_input(std::make_unique<llm_graph_input_flow_static>(static_inp, state));
-            }
-            w = ggml_view_2d(ctx0, static_inp, ad.k, 1, static_inp->nb[1], il*static_inp->nb[1]); // [k, 1]
+        const auto it = layer_inp.find(il);
+        if (it == layer_inp.end()) {
+            return fail(format("the %s graph does not name the input of layer %d (the previous layer's \"l_out\", "
+                        "or \"embd\"/\"inp_scaled\" for layer 0), so the gate has no input: this architecture's "
+                        "graph is not a standard decoder loop", llm_arch_name(ad.model.arch), il));
         }
-        g = w; // [k, n_tokens] or [k, 1]: broadcasts over the interleaved rank rows
+        ggml_tensor * x = it->second;
+        if (x->ne[0] != ad.gate_w[il]->ne[0] || ggml_n_dims(x) > 2) {
+            return fail(format("the input of layer %d in the %s graph is %s, expected [n_embd = %lld, n_tokens]",
+                        il, llm_arch_name(ad.model.arch), shape_str(x).c_str(), (long long) ad.gate_w[il]->ne[0]));
+        }
+        if (!mix_mask) { // the mix inputs, once per graph (llm_graph_input_flow_mix)
+            const int64_t n_tokens = x->ne[1];
+            mix_mask = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, 1, n_tokens);
+            ggml_set_input(mix_mask);
+            ggml_set_name(mix_mask, "flow_mix_mask");
+            for (size_t l = 0; l < ad.gate_w.size(); ++l) {
+                ggml_tensor * a = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, ad.k, n_tokens);
+                ggml_set_input(a);
+                ggml_format_name(a, "flow_mix_add.%zu", l);
+                mix_add.push_back(a);
+            }
+            res->add_input(std::make_unique<llm_graph_input_flow_mix>(mix_mask, mix_add, state));
+        }
+        ggml_tensor * w = ggml_mul_mat(ctx0, ad.gate_w[il], x);                // [k, n_tokens]
+        w = ggml_soft_max_ext(ctx0, w, nullptr, 1.0f/ad.temperature, 0.0f);
+        w = ggml_add(ctx0, ggml_mul(ctx0, w, mix_mask), mix_add[il]);          // the bias after the softmax
+        if (state->record) {
+            ggml_set_output(w);
+            res->t_flow_gate[il] = w;
+        }
+        g = w; // [k, n_tokens]: broadcasts over the interleaved rank rows
     }
-    if (g->ne[1] == 1 || g->ne[1] == n_cols) {
+    if (g->ne[1] == n_cols) {
         return g;
     }
 
@@ -606,7 +632,7 @@ void llama_flow_state::record_ubatch(ggml_backend_sched_t sched, const llm_graph
         gates.clear();
         n_recorded = 0;
     }
-    if (!record || !adapter || mode != LLAMA_FLOW_MODE_DYNAMIC) {
+    if (!record || !adapter) {
         return;
     }
     const size_t n_layer = adapter->gate_w.size();
@@ -687,11 +713,8 @@ int32_t llama_flow_set_adapter(llama_context * ctx, llama_flow_adapter * adapter
         return 0;
     }
     st.adapter = adapter;
-    st.mode = LLAMA_FLOW_MODE_DYNAMIC;
-    st.static_w.clear();
-    if (adapter) {
-        st.static_w.assign(adapter->gate_w.size()*adapter->k, 1.0f/adapter->k);
-    }
+    st.mix = llama_flow_mix{};
+    st.seq_mix.clear();
     ctx->flow_changed(true);
     if (!adapter) {
         return 0;
@@ -712,48 +735,89 @@ int32_t llama_flow_set_adapter(llama_context * ctx, llama_flow_adapter * adapter
     st.record = record;
     if (!error.empty()) {
         st.adapter = nullptr;
-        st.static_w.clear();
         ctx->flow_changed(true);
         return refuse(error);
     }
     return 0;
 }
 
+namespace {
+
+// a mode and its weights as a llama_flow_mix, or false (and the reason logged) for bad arguments
+bool make_mix(const llama_flow_state & st, llama_flow_mode mode, const float * weights, int32_t n_weights,
+              llama_flow_mix & mix, const char * func) {
+    if (mode != LLAMA_FLOW_MODE_OFF && mode != LLAMA_FLOW_MODE_DYNAMIC && mode != LLAMA_FLOW_MODE_STATIC) {
+        LLAMA_LOG_ERROR("%s: unknown mode %d\n", func, (int) mode);
+        return false;
+    }
+    if (!st.adapter) {
+        LLAMA_LOG_ERROR("%s: no flow adapter set\n", func);
+        return false;
+    }
+    const int32_t k = st.adapter->k;
+    const int32_t n_layer = (int32_t) st.adapter->gate_w.size();
+    if (mode != LLAMA_FLOW_MODE_STATIC && n_weights != 0) {
+        LLAMA_LOG_ERROR("%s: only static mode takes weights\n", func);
+        return false;
+    }
+    mix = llama_flow_mix{};
+    if (mode == LLAMA_FLOW_MODE_DYNAMIC) {
+        return true;
+    }
+    mix.dynamic = false;
+    mix.w.assign((size_t) k*n_layer, 0.0f); // off: no LoRA at all
+    if (mode == LLAMA_FLOW_MODE_OFF) {
+        return true;
+    }
+    if (!weights || (n_weights != k && n_weights != k*n_layer)) {
+        LLAMA_LOG_ERROR("%s: static mode takes %d or %d weights, got %d\n", func, k, k*n_layer, n_weights);
+        return false;
+    }
+    for (int32_t i = 0; i < n_weights; ++i) {
+        if (!std::isfinite(weights[i])) {
+            LLAMA_LOG_ERROR("%s: static weight %d is not finite\n", func, i);
+            return false;
+        }
+    }
+    for (int32_t i = 0; i < k*n_layer; ++i) {
+        mix.w[i] = weights[n_weights == k ? i % k : i];
+    }
+    return true;
+}
+
+} // namespace
+
 int32_t llama_flow_set_mode(llama_context * ctx, llama_flow_mode mode, const float * weights, int32_t n_weights) {
     llama_flow_state & st = ctx->flow;
-    if (mode != LLAMA_FLOW_MODE_OFF && mode != LLAMA_FLOW_MODE_DYNAMIC && mode != LLAMA_FLOW_MODE_STATIC) {
-        LLAMA_LOG_ERROR("%s: unknown mode %d\n", __func__, (int) mode);
+    llama_flow_mix mix;
+    if (!make_mix(st, mode, weights, n_weights, mix, __func__)) {
         return -1;
     }
-    if (mode == LLAMA_FLOW_MODE_STATIC) {
-        if (!st.adapter) {
-            LLAMA_LOG_ERROR("%s: no flow adapter set\n", __func__);
-            return -1;
-        }
-        const int32_t k = st.adapter->k;
-        const int32_t n_layer = (int32_t) st.adapter->gate_w.size();
-        if (!weights || (n_weights != k && n_weights != k*n_layer)) {
-            LLAMA_LOG_ERROR("%s: static mode takes %d or %d weights, got %d\n", __func__, k, k*n_layer, n_weights);
-            return -1;
-        }
-        for (int32_t i = 0; i < n_weights; ++i) {
-            if (!std::isfinite(weights[i])) {
-                LLAMA_LOG_ERROR("%s: static weight %d is not finite\n", __func__, i);
-                return -1;
-            }
-        }
-        for (int32_t i = 0; i < k*n_layer; ++i) {
-            st.static_w[i] = weights[n_weights == k ? i % k : i];
-        }
-    } else if (n_weights != 0) {
-        LLAMA_LOG_ERROR("%s: only static mode takes weights\n", __func__);
-        return -1;
-    }
-    if (st.mode != mode) {
-        st.mode = mode;
-        ctx->flow_changed(false);
-    }
+    st.mix = std::move(mix); // data of the next ubatch: no new graph
     return 0;
+}
+
+int32_t llama_flow_set_seq_mode(llama_context * ctx, llama_seq_id seq_id, llama_flow_mode mode,
+                                const float * weights, int32_t n_weights) {
+    llama_flow_state & st = ctx->flow;
+    llama_flow_mix mix;
+    if (seq_id < 0) {
+        LLAMA_LOG_ERROR("%s: sequence id %d is negative\n", __func__, seq_id);
+        return -1;
+    }
+    if (!make_mix(st, mode, weights, n_weights, mix, __func__)) {
+        return -1;
+    }
+    st.seq_mix[seq_id] = std::move(mix);
+    return 0;
+}
+
+void llama_flow_clear_seq_mode(llama_context * ctx, llama_seq_id seq_id) {
+    if (seq_id < 0) {
+        ctx->flow.seq_mix.clear();
+    } else {
+        ctx->flow.seq_mix.erase(seq_id);
+    }
 }
 
 void llama_flow_set_record(llama_context * ctx, bool record) {

@@ -36,18 +36,30 @@ LLAMA_API const char * llama_flow_adapter_name      (const struct llama_flow_ada
 LLAMA_API int32_t llama_flow_set_adapter(
         struct llama_context * ctx, struct llama_flow_adapter * adapter, char * err, size_t err_size);
 
-// Choose the fusion mode. STATIC takes k weights (all layers) or n_layer * k weights
-// (layer-major); other modes take none. Returns 0, or -1 for bad arguments.
+// Choose the fusion mode of the context (of every sequence without its own). STATIC takes k
+// weights (all layers) or n_layer * k weights (layer-major); other modes take none. Returns 0,
+// or -1 for bad arguments.
 LLAMA_API int32_t llama_flow_set_mode(
         struct llama_context * ctx, enum llama_flow_mode mode, const float * weights, int32_t n_weights);
 
-// Record the dynamic gate weights of every token llama_decode evaluates (off by default).
+// The fusion mode of one sequence's tokens, over the context's (llama_flow_set_mode) for them;
+// the same modes and weights. Modes are data of the graph, not its shape: sequences in
+// different modes decode in one batch, and a change of mode needs no new graph. (The KV cache
+// keeps what earlier tokens computed under the mode they had.) Returns 0, or -1 for bad arguments.
+LLAMA_API int32_t llama_flow_set_seq_mode(
+        struct llama_context * ctx, llama_seq_id seq_id, enum llama_flow_mode mode, const float * weights, int32_t n_weights);
+
+// Sequence seq_id follows the context's mode again (seq_id < 0: every sequence).
+LLAMA_API void llama_flow_clear_seq_mode(struct llama_context * ctx, llama_seq_id seq_id);
+
+// Record the fusion weights of every token llama_decode evaluates (off by default): the gate's
+// for gated tokens, the fixed ones for the others.
 LLAMA_API void llama_flow_set_record(struct llama_context * ctx, bool record);
 
-// Tokens recorded by the last llama_decode call (0 unless recording in DYNAMIC mode).
+// Tokens recorded by the last llama_decode call (0 unless recording).
 LLAMA_API int32_t llama_flow_n_recorded(const struct llama_context * ctx);
 
-// Gate weights of layer il for the recorded tokens: [n_recorded][k] floats, or NULL.
+// Fusion weights of layer il for the recorded tokens, in batch order: [n_recorded][k] floats, or NULL.
 LLAMA_API const float * llama_flow_get_gates(const struct llama_context * ctx, int32_t il);
 
 #ifdef __cplusplus
