@@ -249,7 +249,7 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
         gens = generate_torch(flow, tokenizer, prompts, max_tokens, progress, batch_size)
         texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
     elif backend == "runtime":
-        from loraflow.cli_runtime import open_llm
+        from loraflow.runtime.cli import open_llm
 
         if flow_gguf is None:
             raise LoraFlowError("--backend runtime needs the flow file: -f FLOW.gguf (and -m BASE.gguf)")

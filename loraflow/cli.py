@@ -1,41 +1,41 @@
-"""The `loraflow` command. Subcommands live next to what they drive; bad input becomes a
+"""The `loraflow` command: it only assembles the commands each part of the project defines next to
+what they drive (runtime/cli.py: demo, generate, chat, serve, trace; gate_training/cli.py:
+train-gate, eval; the converter has its own, `loraflow-convert`). They are named here, not
+imported: a command's module loads when it runs (or for --help), so this core package imports
+nothing above it and `loraflow --help` needs neither torch nor llama_cpp. Bad input becomes a
 message and exit code 1, never a traceback."""
 
 from __future__ import annotations
+
+import importlib
 
 import click
 
 from loraflow.click_group import ErrorExitGroup
 
+# command name -> the module that defines it (in its COMMANDS)
+COMMANDS = {
+    "demo": "loraflow.runtime.cli",
+    "generate": "loraflow.runtime.cli",
+    "chat": "loraflow.runtime.cli",
+    "serve": "loraflow.runtime.cli",
+    "trace": "loraflow.runtime.cli",
+    "train-gate": "loraflow.gate_training.cli",
+    "eval": "loraflow.gate_training.cli",
+}
 
-@click.group(cls=ErrorExitGroup)
+
+class AssemblingGroup(ErrorExitGroup):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        return next(c for c in importlib.import_module(COMMANDS[name]).COMMANDS if c.name == name)
+
+
+@click.group(cls=AssemblingGroup)
 @click.version_option(package_name="loraflow")
 def main():
     """LoRA-Flow: fuse several LoRAs with per-token, per-layer gates, on a quantized model."""
-
-
-@main.command()
-@click.option("--prompt", "-p", default=None, help="the question  [default: a Spanish word problem of the test set]")
-@click.option("--flow", "-f", type=click.Path(dir_okay=False), default=None,
-              help="flow file  [default: the compose adapter made by recipes/compose]")
-@click.option("--max-tokens", default=40, show_default=True)
-@click.option("--threads", default=2, show_default=True)
-def demo(prompt, flow, max_tokens, threads):
-    """A Spanish LoRA and a math LoRA fused by LoRA-Flow gates on the default model (SmolLM2-135M-Instruct
-    Q4_1): the answer, the gates token by token, and the baselines."""
-    from loraflow.demo import DEFAULT_PROMPT, run_demo
-
-    run_demo(prompt=prompt or DEFAULT_PROMPT, max_tokens=max_tokens, threads=threads, flow=flow)
-
-
-# generate, chat, serve, trace (loraflow/cli_runtime.py)
-from loraflow.cli_runtime import COMMANDS as _RUNTIME_COMMANDS  # noqa: E402
-
-for _command in _RUNTIME_COMMANDS:
-    main.add_command(_command)
-
-# train-gate, eval (loraflow/cli_train.py)
-from loraflow.cli_train import COMMANDS as _TRAIN_COMMANDS  # noqa: E402
-
-for _command in _TRAIN_COMMANDS:
-    main.add_command(_command)

@@ -15,8 +15,14 @@ The fusion mode is chosen per request with two extra body fields:
     "flow_weights": [w1, ..., wk]  or one row of k per layer (mode "static"; alone it implies "static")
 
 A request without them runs in the server's mode (`--mode`/`--weights`). A bad mode or bad
-weights is answered with HTTP 400 and an OpenAI-style error body before anything runs. One
-model serves one request at a time (a lock); switching mode clears the KV cache.
+weights is answered with HTTP 400 and an OpenAI-style error body before anything runs.
+
+With `parallel` = 1 one model serves one request at a time (a lock; switching mode clears the KV
+cache) through llama-cpp-python's own completion code, logprobs and grammars included. With
+`parallel` > 1 the requests share a BatchEngine (runtime/batch_engine.py): up to that many are
+decoded together, each in its own mode, and a client that goes away frees its slot at once;
+logprobs, echo and response_format are refused there (HTTP 400). /health (and /metrics) show the
+slots in use and the queue.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import json
 import threading
 import time
+import uuid
 from typing import Any, Dict, List, Optional, Union
 
 from loraflow.errors import LoraFlowError
@@ -200,12 +207,111 @@ def _error_response(e: Exception) -> JSONResponse:
     return JSONResponse(error_body(f"{type(e).__name__}: {e}", type_="server_error"), status_code=500)
 
 
-def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None) -> "FastAPI":
-    """The FastAPI app serving `llm` (a FlowLlama) under the name `model_id`."""
+class BatchedServing:
+    """The requests of an app with parallel > 1, on one BatchEngine: prompts made here (chat
+    templates through llama-cpp-python's Jinja2 formatter), OpenAI-shaped answers built here."""
+
+    UNSUPPORTED = ("logprobs", "echo", "response_format", "top_logprobs")
+
+    def __init__(self, llm, model_id: str, default, parallel: int, n_ctx: Optional[int]):
+        from loraflow.runtime.batch_engine import BatchEngine
+
+        self.llm, self.model_id, self.default = llm, model_id, default
+        self.engine = BatchEngine(llm, n_parallel=parallel, n_ctx=n_ctx)
+        self.formatter = None
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template:
+            from llama_cpp import llama_chat_format
+
+            model = llm._model
+            self.formatter = llama_chat_format.Jinja2ChatFormatter(
+                template=template, eos_token=model.token_get_text(model.token_eos()),
+                bos_token=model.token_get_text(model.token_bos()), stop_token_ids=[model.token_eos()])
+
+    def check(self, req: "_Common") -> None:
+        if req.n != 1:
+            raise BadRequest("only n=1 is supported", "n")
+        for name in self.UNSUPPORTED:
+            value = getattr(req, name, None)
+            if value not in (None, False):
+                raise BadRequest(f"{name} is not supported when the server batches requests (--parallel > 1)", name)
+
+    def prompt_tokens(self, req) -> tuple[list, list]:
+        """(prompt token ids, extra stop strings) of a completion or chat request."""
+        if isinstance(req, ChatCompletionRequest):
+            if self.formatter is None:
+                raise BadRequest("this model has no chat template; use /v1/completions", "messages")
+            try:
+                formatted = self.formatter(messages=req.messages)
+            except Exception as e:  # noqa: BLE001 - a template error is the request's
+                raise BadRequest(f"the messages do not fit the model's chat template: {e}", "messages") from None
+            stop = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop] if formatted.stop else []
+            return self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special,
+                                     special=True), stop
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise BadRequest("one prompt per request", "prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            return list(prompt), []
+        return (self.llm.tokenize(prompt.encode("utf-8"), special=True) if prompt else [self.llm.token_bos()]), []
+
+    def submit(self, req, mode, weights):
+        from loraflow.runtime.batch_engine import RequestError, Sampling
+
+        self.check(req)
+        tokens, stop = self.prompt_tokens(req)
+        user_stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
+        sampling = Sampling(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+                            repeat_penalty=req.repeat_penalty, frequency_penalty=req.frequency_penalty,
+                            presence_penalty=req.presence_penalty, seed=req.seed)
+        try:
+            return self.engine.submit(tokens, mode, weights, max_tokens=req.max_tokens, sampling=sampling,
+                                      stop=user_stop + stop)
+        except RequestError as e:
+            raise BadRequest(str(e), e.param) from None
+
+    def answer(self, req, result, mode) -> dict:
+        chat = isinstance(req, ChatCompletionRequest)
+        choice = {"index": 0, "logprobs": None, "finish_reason": result.finish_reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": result.text}
+        else:
+            choice["text"] = result.text
+        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_id, "choices": [choice], "flow_mode": mode,
+                "usage": {"prompt_tokens": result.n_prompt, "completion_tokens": len(result.tokens),
+                          "total_tokens": result.n_prompt + len(result.tokens)}}
+
+    def chunk(self, req, rid: str, created: int, mode, text: Optional[str], finish: Optional[str],
+              first: bool = False) -> dict:
+        chat = isinstance(req, ChatCompletionRequest)
+        choice = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if chat:
+            choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
+        else:
+            choice["text"] = text or ""
+        return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": self.model_id, "choices": [choice], "flow_mode": mode}
+
+
+def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None, parallel: int = 1,
+               n_ctx: Optional[int] = None) -> "FastAPI":
+    """The FastAPI app serving `llm` (a FlowLlama) under the name `model_id`; `parallel` > 1
+    batches up to that many requests (n_ctx tokens of KV cache shared among them)."""
     engine = Engine(llm, model_id, mode, weights)
+    batched = BatchedServing(llm, model_id, engine.default, parallel, n_ctx) if parallel > 1 else None
     app = FastAPI(title="loraflow", description="OpenAI-compatible API for a LoRA-Flow model")
     app.state.engine = engine
+    app.state.batched = batched
     created = int(time.time())
+
+    if batched is not None:
+        @app.on_event("shutdown")
+        def _close_engine():
+            batched.engine.close()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -223,7 +329,12 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None) -> 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        slots = batched.engine.status() if batched is not None else {"slots": 1, "slots_busy": int(engine.lock.locked())}
+        return {"status": "ok", **slots}
+
+    @app.get("/metrics")
+    async def metrics():
+        return await health()
 
     @app.get("/v1/models")
     async def models():
@@ -234,7 +345,66 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None) -> 
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                             "owned_by": "loraflow", "flow": flow}]}
 
+    async def respond_batched(req: _Common):
+        mode, weights = engine.mode_of(req)
+        request = batched.submit(req, mode, weights)
+        if not req.stream:
+            try:
+                result = await run_in_threadpool(request.result)
+            except asyncio.CancelledError:
+                request.cancel()
+                raise
+            except Exception as e:  # noqa: BLE001
+                return _error_response(e)
+            return batched.answer(req, result, mode)
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> bool:
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, item)
+                return True
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                request.cancel()
+                return False
+
+        def pump():  # the engine's pieces, from its thread to this event loop
+            try:
+                for piece in request.stream():
+                    if not put(("piece", piece)):
+                        return
+                put(("end", None))
+            except Exception as e:  # noqa: BLE001 - reported to the client
+                put(("error", e))
+
+        threading.Thread(target=pump, name="loraflow-stream", daemon=True).start()
+        rid, t = f"{'chatcmpl' if isinstance(req, ChatCompletionRequest) else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+
+        async def events():
+            try:
+                first = True
+                while True:
+                    kind, value = await pieces.get()
+                    if kind == "piece":
+                        yield f"data: {json.dumps(batched.chunk(req, rid, t, mode, value, None, first), ensure_ascii=False)}\n\n"
+                        first = False
+                    elif kind == "end":
+                        final = batched.chunk(req, rid, t, mode, None, request.finish_reason or "stop", first)
+                        yield f"data: {json.dumps(final, ensure_ascii=False)}\n\n"
+                        break
+                    else:
+                        yield f"data: {json.dumps(error_body(f'{type(value).__name__}: {value}', type_='server_error'))}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                request.cancel()  # a client that went away frees its slot now (no-op when done)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     async def respond(req: _Common, fn):
+        if batched is not None:
+            return await respond_batched(req)
         if req.n != 1:
             raise BadRequest("only n=1 is supported", "n")
         mode, weights = engine.mode_of(req)
@@ -295,9 +465,9 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None) -> 
 
 
 def serve(llm, model_id: str, host: str = "127.0.0.1", port: int = 8000, mode: Optional[str] = None,
-          weights=None, log_level: str = "info") -> None:
+          weights=None, log_level: str = "info", parallel: int = 1, n_ctx: Optional[int] = None) -> None:
     """Serve `llm` until interrupted."""
     import uvicorn
 
-    app = create_app(llm, model_id, mode, weights)
+    app = create_app(llm, model_id, mode, weights, parallel=parallel, n_ctx=n_ctx)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

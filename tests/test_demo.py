@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from loraflow.cli import main
-from loraflow.demo import COMPOSE_FLOW, DEFAULT_PROMPT
+from loraflow.runtime.demo import COMPOSE_FLOW, DEFAULT_PROMPT
 
 
 @pytest.mark.slow

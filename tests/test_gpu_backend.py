@@ -69,7 +69,7 @@ def greedy(python, gpu_layers):
     build, in its own process: the compose flow adapter on SmolLM2 Q4_1, dynamic and off."""
     code = f"""
 import json, numpy as np
-from loraflow.demo import COMPOSE_FLOW
+from loraflow.runtime.demo import COMPOSE_FLOW
 from loraflow.models import default_model_path
 from loraflow.runtime import FlowLlama
 llm = FlowLlama(str(default_model_path()), flow_path=str(COMPOSE_FLOW), n_ctx=256, n_threads=2,

@@ -8,11 +8,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import loraflow
 from loraflow.errors import LoraFlowError
 from loraflow.models import default_model_path
 
 # made by `python recipes/compose/run.py` (seed 0): the work folder's compose.flow.gguf, copied here
-COMPOSE_FLOW = Path(__file__).resolve().parent / "adapters" / "compose-es-math.flow.gguf"
+COMPOSE_FLOW = Path(loraflow.__file__).resolve().parent / "adapters" / "compose-es-math.flow.gguf"  # package data
 # the first problem of the recipe's test set (seed 0): held out from every training set
 DEFAULT_PROMPT = "Elena tiene 8 bolsas con 2 camisas en cada bolsa. ¿Cuántas camisas tiene Elena en total?"
 

@@ -1,4 +1,4 @@
-"""`loraflow generate | chat | serve | trace`: a flow adapter on a base model, for people.
+"""`loraflow demo | generate | chat | serve | trace`: a flow adapter on a base model, for people.
 
 The commands share the model options (-m/-f, mode, threads, GPU layers, context); the work
 is done in loraflow.runtime.interactive, .server and .trace, imported only when a command
@@ -171,9 +171,14 @@ def chat(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, max_
 @click.option("--name", "model_id", default=None, help="model id the API reports  [default: the model file's stem]")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, host, port, model_id, log_level):
+@click.option("--parallel", "-np", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="requests decoded together, each in its own mode and with a context of --ctx tokens "
+                   "(continuous batching; 1: one at a time, with llama-cpp-python's logprobs and grammars)")
+def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, host, port, model_id, log_level,
+          parallel):
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming too),
-    /v1/models. The body field "flow_mode" (and "flow_weights") picks the fusion mode per request."""
+    /v1/models, /health. The body field "flow_mode" (and "flow_weights") picks the fusion mode per
+    request; with --parallel N up to N requests are decoded together, whatever their modes."""
     from loraflow.runtime.interactive import parse_weights
 
     try:
@@ -187,7 +192,7 @@ def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, hos
     click.echo(f"loraflow serve: OpenAI-compatible API at http://{host}:{port}/v1 (model id '{model_id}')", err=True)
     try:
         run_server(llm, model_id, host=host, port=port, mode=mode, weights=parse_weights(weights),
-                   log_level=log_level)
+                   log_level=log_level, parallel=parallel, n_ctx=n_ctx * parallel if parallel > 1 else None)
     finally:
         llm.close()
 
@@ -241,4 +246,18 @@ def trace(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, pro
         click.echo(f"wrote {json_path}")
 
 
-COMMANDS = (generate, chat, serve, trace)
+@click.command()
+@click.option("--prompt", "-p", default=None, help="the question  [default: a Spanish word problem of the test set]")
+@click.option("--flow", "-f", type=click.Path(dir_okay=False), default=None,
+              help="flow file  [default: the compose adapter made by recipes/compose]")
+@click.option("--max-tokens", default=40, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+def demo(prompt, flow, max_tokens, threads):
+    """A Spanish LoRA and a math LoRA fused by LoRA-Flow gates on the default model (SmolLM2-135M-Instruct
+    Q4_1): the answer, the gates token by token, and the baselines."""
+    from loraflow.runtime.demo import DEFAULT_PROMPT, run_demo
+
+    run_demo(prompt=prompt or DEFAULT_PROMPT, max_tokens=max_tokens, threads=threads, flow=flow)
+
+
+COMMANDS = (demo, generate, chat, serve, trace)

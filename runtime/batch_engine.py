@@ -1,0 +1,431 @@
+"""Continuous batching: many requests decoded together on one llama_context, each in its own
+fusion mode (dynamic, its own static weights, one LoRA alone, the average, or the base alone).
+
+    engine = BatchEngine(llm, n_parallel=8)          # llm: a FlowLlama (model, tokenizer, flow adapter)
+    req = engine.submit(llm.tokenize(b"..."), mode="single:math", max_tokens=64, temperature=0.0)
+    for piece in req.stream():                       # text as it is decoded
+        print(piece, end="")
+    req.result()                                     # Completion(text, tokens, finish_reason, ...)
+    engine.close()
+
+The modes are data of one graph (llama_flow_set_seq_mode), so sequences in different modes share
+every decode step. The engine's thread owns the context: between two decode steps requests join
+free slots and finished ones leave; prompts are fed in chunks so one long prompt does not stall
+the others; every request samples with its own llama.cpp sampler chain; stop strings end it; a
+slot keeps its last request's tokens, and a new request in the same mode reuses the longest
+shared prefix of the KV cache. Each slot holds n_ctx / n_parallel tokens: a request that cannot
+fit (prompt + max_tokens) is refused when submitted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from loraflow.errors import LoraFlowError
+from loraflow.modes import resolve_mode
+
+
+class RequestError(LoraFlowError):
+    """A request the engine cannot run (bad mode or weights, too long for a slot, ...); `param`
+    names the field at fault."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: Optional[int] = None
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: List[int]
+    finish_reason: str                 # "stop" (end of text or a stop string) or "length"
+    n_prompt: int
+    n_cached: int                      # prompt tokens whose KV cache was reused
+    time_to_first_token: float         # seconds from submit to the first generated token
+
+
+class Request:
+    """One submitted request: stream() its text as it is decoded, or wait for result()."""
+
+    def __init__(self, engine: "BatchEngine", tokens: List[int], mode: str, weights, max_tokens: int,
+                 sampling: Sampling, stop: Sequence[str]):
+        self.engine = engine
+        self.prompt = list(tokens)
+        self.mode, self.weights = mode, weights
+        self.mode_key = (mode, None if weights is None else np.asarray(weights, dtype=np.float32).tobytes())
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.stop = [s for s in stop if s]
+        self.generated: List[int] = []
+        self.text = ""
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[BaseException] = None
+        self.n_cached = 0
+        self.submitted = time.perf_counter()
+        self.first_token_at: Optional[float] = None
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self._pieces: "queue.Queue[Optional[str]]" = queue.Queue()
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the slot at its next step."""
+        self.cancelled.set()
+        self.engine._wake()
+
+    def stream(self) -> Iterator[str]:
+        """The generated text, piece by piece, until the request ends."""
+        while True:
+            piece = self._pieces.get()
+            if piece is None:
+                break
+            yield piece
+        if self.error is not None:
+            raise self.error
+
+    def result(self, timeout: Optional[float] = None) -> Completion:
+        if not self.done.wait(timeout):
+            raise TimeoutError("the request is still running")
+        if self.error is not None:
+            raise self.error
+        return Completion(self.text, list(self.generated), self.finish_reason or "stop", len(self.prompt),
+                          self.n_cached, (self.first_token_at or self.submitted) - self.submitted)
+
+    # called by the engine's thread
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            self._pieces.put(piece)
+
+    def _end(self, reason: Optional[str], error: Optional[BaseException] = None) -> None:
+        self.finish_reason, self.error = reason, error
+        self._pieces.put(None)
+        self.done.set()
+
+
+@dataclass
+class _Slot:
+    seq_id: int
+    tokens: List[int] = field(default_factory=list)   # what the KV cache holds for this sequence
+    mode_key: Optional[tuple] = None                   # the mode those states were computed in
+    request: Optional[Request] = None
+    pending: List[int] = field(default_factory=list)  # tokens to feed before sampling
+    sampler: object = None
+    held: bytes = b""                                  # generated bytes not yet valid UTF-8
+    unsent: str = ""                                   # decoded text held back: it may begin a stop string
+
+
+class BatchEngine:
+    """Continuous batching of requests on a second context of `llm`'s model with `n_parallel`
+    sequences (slots) and llm's flow adapter; `n_ctx` tokens of KV cache in all (default: llm's
+    context size for each slot), `n_batch` tokens per decode step."""
+
+    def __init__(self, llm, n_parallel: int = 4, n_ctx: Optional[int] = None, n_batch: int = 512,
+                 n_threads: Optional[int] = None):
+        import llama_cpp
+        from llama_cpp import _internals
+
+        from loraflow.runtime import _bindings as B
+
+        if n_parallel < 1:
+            raise LoraFlowError(f"n_parallel must be >= 1, got {n_parallel}")
+        self.llm, self.B, self._llama_cpp = llm, B, llama_cpp
+        self.n_parallel = n_parallel
+        params = llama_cpp.llama_context_default_params()
+        ctypes.memmove(ctypes.byref(params), ctypes.byref(llm.context_params), ctypes.sizeof(params))
+        self.slot_ctx = (n_ctx // n_parallel) if n_ctx else llm.n_ctx()
+        params.n_ctx = self.slot_ctx * n_parallel
+        params.n_seq_max = n_parallel
+        params.kv_unified = True        # one pool of cells, each sequence within its share of it
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, params.n_ubatch or n_batch)
+        params.embeddings = False
+        if n_threads:
+            params.n_threads = params.n_threads_batch = n_threads
+        self.n_batch = n_batch
+        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        if llm.flow is not None:
+            err = ctypes.create_string_buffer(1024)
+            if B.llama_flow_set_adapter(self.ctx.ctx, llm.flow.ptr, err, len(err)) != 0:
+                raise LoraFlowError(err.value.decode(errors="replace"))
+        self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self.vocab = llm._model.vocab
+        self.slots = [_Slot(i) for i in range(n_parallel)]
+        self.queue: List[Request] = []
+        self.lock = threading.Condition()
+        self.closed = False
+        self.stats = dict(requests=0, finished=0, cancelled=0, generated_tokens=0, prompt_tokens=0,
+                          cached_tokens=0, decode_steps=0)
+        self.thread = threading.Thread(target=self._run, name="loraflow-batch-engine", daemon=True)
+        self.thread.start()
+
+    # -- the caller's side -------------------------------------------------------------------
+
+    def check_mode(self, mode: str, weights) -> None:
+        """RequestError for a mode or weights this adapter cannot run."""
+        if self.llm.flow is None:
+            if mode != "off":
+                raise RequestError("this engine has no flow adapter; only mode 'off' is available", "flow_mode")
+            return
+        try:
+            resolve_mode(mode, self.llm.flow.names, self.llm.flow.n_layer, weights)
+        except LoraFlowError as e:
+            raise RequestError(str(e), "flow_weights" if "weights" in str(e) else "flow_mode") from None
+
+    def submit(self, tokens: Sequence[int], mode: str = "dynamic", weights=None, max_tokens: Optional[int] = 16,
+               sampling: Optional[Sampling] = None, stop: Sequence[str] = ()) -> Request:
+        """Queue a request (prompt token ids); RequestError if it cannot run."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise RequestError("the prompt is empty", "prompt")
+        n_vocab = self.llm.n_vocab()
+        if any(t < 0 or t >= n_vocab for t in tokens):
+            raise RequestError(f"prompt token ids must be in [0, {n_vocab})", "prompt")
+        self.check_mode(mode, weights)
+        room = self.slot_ctx - len(tokens)
+        if room < 1:
+            raise RequestError(f"the prompt has {len(tokens)} tokens; a sequence holds {self.slot_ctx} "
+                               f"(n_ctx {self.slot_ctx * self.n_parallel} over {self.n_parallel} slots)", "prompt")
+        if max_tokens is None:
+            max_tokens = room
+        elif max_tokens > room:
+            raise RequestError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceed the "
+                               f"{self.slot_ctx} tokens a sequence holds", "max_tokens")
+        request = Request(self, tokens, mode, weights, max_tokens, sampling or Sampling(), stop)
+        with self.lock:
+            if self.closed:
+                raise LoraFlowError("the engine is closed")
+            self.queue.append(request)
+            self.stats["requests"] += 1
+            self.lock.notify()
+        return request
+
+    def status(self) -> dict:
+        with self.lock:
+            busy = sum(s.request is not None for s in self.slots)
+            return dict(slots=self.n_parallel, slots_busy=busy, queued=len(self.queue), slot_ctx=self.slot_ctx,
+                        kv_tokens=sum(len(s.tokens) for s in self.slots), **self.stats)
+
+    def cache_positions(self) -> list[tuple[int, int]]:
+        """Per slot (tokens it believes its KV cache holds, positions llama.cpp holds for it): the
+        two must agree. Read it while the engine is idle."""
+        mem = self._llama_cpp.llama_get_memory(self.ctx.ctx)
+        return [(len(s.tokens), self._llama_cpp.llama_memory_seq_pos_max(mem, s.seq_id) + 1) for s in self.slots]
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
+        self.thread.join()
+        for request in self.queue:
+            request._end(None, LoraFlowError("the engine was closed"))
+        self.B.llama_flow_set_adapter(self.ctx.ctx, None, None, 0)
+        self.batch.close()
+        self.ctx.close()
+
+    def _wake(self) -> None:
+        with self.lock:
+            self.lock.notify()
+
+    # -- the engine's thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not self.closed and not self.queue and not any(s.request for s in self.slots):
+                    self.lock.wait()
+                if self.closed:
+                    break
+                self._admit()
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving
+                for slot in self.slots:
+                    if slot.request is not None:
+                        self._finish(slot, None, e)
+                        self._forget(slot)
+        for slot in self.slots:
+            if slot.request is not None:
+                self._finish(slot, None, LoraFlowError("the engine was closed"))
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots (with the lock held): the slot whose cache shares
+        the longest prefix with the prompt in the same mode, else the emptiest."""
+        while self.queue:
+            free = [s for s in self.slots if s.request is None]
+            if not free:
+                return
+            request = self.queue.pop(0)
+            if request.cancelled.is_set():
+                request._end(None, None)
+                self.stats["cancelled"] += 1
+                continue
+            slot = max(free, key=lambda s: (self._shared(s, request), -len(s.tokens)))
+            self._start(slot, request, self._shared(slot, request))
+
+    @staticmethod
+    def _shared(slot: _Slot, request: Request) -> int:
+        if slot.mode_key != request.mode_key:
+            return 0
+        n = 0
+        # at least one prompt token is fed again: its logits start the generation
+        for a, b in zip(slot.tokens, request.prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def _start(self, slot: _Slot, request: Request, n_keep: int) -> None:
+        from loraflow.runtime.flow_llama import set_native_mode
+
+        ctx = self.ctx.ctx
+        self._llama_cpp.llama_memory_seq_rm(self._llama_cpp.llama_get_memory(ctx), slot.seq_id, n_keep, -1)
+        slot.tokens = slot.tokens[:n_keep]
+        if self.llm.flow is not None:
+            set_native_mode(ctx, self.llm.flow, request.mode, request.weights, seq_id=slot.seq_id)
+        slot.mode_key = request.mode_key
+        slot.request = request
+        slot.pending = request.prompt[n_keep:]
+        slot.held, slot.unsent = b"", ""
+        slot.sampler = self._sampler(request.sampling)
+        request.n_cached = n_keep
+        self.stats["prompt_tokens"] += len(request.prompt)
+        self.stats["cached_tokens"] += n_keep
+
+    def _sampler(self, s: Sampling):
+        from llama_cpp import _internals
+
+        sampler = _internals.LlamaSampler()
+        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+            sampler.add_penalties(64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
+        if s.temperature <= 0:
+            sampler.add_greedy()
+            return sampler
+        if s.top_k > 0:
+            sampler.add_top_k(s.top_k)
+        if s.top_p < 1.0:
+            sampler.add_top_p(s.top_p, 1)
+        if s.min_p > 0:
+            sampler.add_min_p(s.min_p, 1)
+        sampler.add_temp(s.temperature)
+        sampler.add_dist(s.seed if s.seed is not None else self._llama_cpp.LLAMA_DEFAULT_SEED)
+        return sampler
+
+    def _step(self) -> None:
+        """One decode step: every slot's next token, and prompt chunks in the room left."""
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                self._finish(slot, None)
+        active = [s for s in self.slots if s.request is not None and s.pending]
+        if not active:
+            return
+        b = self.batch.batch
+        n = 0
+        logit_rows = {}                     # batch row -> slot whose next token it samples
+        generating = [s for s in active if s.request.generated or len(s.pending) == 1]
+        prefilling = [s for s in active if s not in generating]
+        budget = self.n_batch - len(generating)
+        for slot in generating + prefilling:
+            take = len(slot.pending) if slot in generating else \
+                min(len(slot.pending), max(1, budget // max(1, len(prefilling))))
+            if slot not in generating:
+                budget -= take
+            if n + take > self.n_batch:
+                take = self.n_batch - n
+            if take <= 0:
+                continue
+            for j, token in enumerate(slot.pending[:take]):
+                b.token[n] = token
+                b.pos[n] = len(slot.tokens) + j
+                b.seq_id[n][0] = slot.seq_id
+                b.n_seq_id[n] = 1
+                last = j == take - 1 and take == len(slot.pending)
+                b.logits[n] = last
+                if last:
+                    logit_rows[n] = slot
+                n += 1
+            slot.tokens += slot.pending[:take]
+            slot.pending = slot.pending[take:]
+        b.n_tokens = n
+        rc = self._llama_cpp.llama_decode(self.ctx.ctx, b)
+        if rc != 0:
+            raise LoraFlowError(f"llama_decode failed ({rc}) on a batch of {n} tokens")
+        self.stats["decode_steps"] += 1
+        for row, slot in logit_rows.items():
+            token = slot.sampler.sample(self.ctx, row)
+            self._accept(slot, token)
+
+    def _accept(self, slot: _Slot, token: int) -> None:
+        request = slot.request
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        if self._llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self._flush(slot, final=True)
+            self._finish(slot, "stop")
+            return
+        request.generated.append(token)
+        self.stats["generated_tokens"] += 1
+        slot.pending = [token]
+        slot.held += self.llm.detokenize([token])
+        if self._flush(slot, final=False):
+            self._finish(slot, "stop")
+        elif len(request.generated) >= request.max_tokens:
+            self._flush(slot, final=True)
+            self._finish(slot, "length")
+
+    def _flush(self, slot: _Slot, final: bool) -> bool:
+        """Emit the text decoded so far, keeping back an incomplete UTF-8 character and whatever
+        could still become a stop string; True when a stop string was met (the text ends before it)."""
+        request = slot.request
+        cut = len(slot.held)
+        while not final and cut > 0:
+            try:
+                slot.held[:cut].decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                cut -= 1
+        text = slot.unsent + slot.held[:cut].decode("utf-8", errors="replace")
+        slot.held = slot.held[cut:]
+        for stop in request.stop:
+            i = text.find(stop)
+            if i >= 0:
+                request._emit(text[:i])
+                slot.unsent = ""
+                return True
+        hold = 0
+        if not final:  # the longest tail that begins a stop string
+            for stop in request.stop:
+                hold = max([hold] + [k for k in range(1, min(len(stop), len(text) + 1)) if text.endswith(stop[:k])])
+        request._emit(text[:len(text) - hold])
+        slot.unsent = text[len(text) - hold:]
+        return False
+
+    def _finish(self, slot: _Slot, reason: Optional[str], error: Optional[BaseException] = None) -> None:
+        request = slot.request
+        slot.request, slot.pending, slot.sampler, slot.unsent = None, [], None, ""
+        self.stats["finished"] += 1
+        request._end(reason, error)
+
+    def _forget(self, slot: _Slot) -> None:
+        """Drop what a slot's cache holds (after a failed step its states are not to be trusted)."""
+        self._llama_cpp.llama_memory_seq_rm(self._llama_cpp.llama_get_memory(self.ctx.ctx), slot.seq_id, -1, -1)
+        slot.tokens, slot.mode_key = [], None
