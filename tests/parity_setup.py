@@ -206,15 +206,41 @@ BATCH_TOL = 1e-4  # a sequence in a batch against the same sequence alone, of th
 def batch_tolerance(llm, seqs) -> float:
     """BATCH_TOL on the CPU. On a GPU backend a batch's kernels differ from a lone sequence's
     (other tile shapes, other summation orders), so the bound is the larger of BATCH_TOL and
-    DEVICE_SLACK times what stock llama.cpp's base alone shows there for the same sequences."""
+    DEVICE_SLACK times what stock llama.cpp shows there for the same sequences: the base with
+    the flow file's LoRAs (exported as stock LoRAs, all at scale 1) through its own LoRA path,
+    which does the same extra matmuls per module as the flow graph."""
     if GPU_LAYERS == 0:
         return BATCH_TOL
+    import ctypes
+    import tempfile
+    from pathlib import Path
+
+    import llama_cpp
+
+    from loraflow.converter.export_lora import export_lora
+
     stock = MultiSeqContext(llm, len(seqs), flow=False)
     try:
+        with tempfile.TemporaryDirectory() as tmp:
+            loras = [llama_cpp.llama_adapter_lora_init(llm._model.model, str(
+                export_lora(llm.flow.path, name, Path(tmp) / f"{name}.gguf")).encode()) for name in llm.flow.names]
+        assert all(loras)
+        n = len(loras)
+        rc = llama_cpp.llama_set_adapters_lora(stock.ctx.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * n)(*loras), n,
+                                              (ctypes.c_float * n)(*[1.0] * n))
+        assert rc == 0
         batched = stock.decode(seqs)[0]
         each = stock.decode_each(seqs)
     finally:
         stock.close()
     err = max(rel_err(b, e) for b, e in zip(batched, each))
-    print(f"[batch] stock llama.cpp on the device, {len(seqs)} sequences in a batch vs alone: {err:.1e}")
+    print(f"[batch] stock llama.cpp with the {len(loras)} LoRAs on the device, {len(seqs)} sequences in a batch "
+          f"vs alone: {err:.1e}")
     return max(BATCH_TOL, DEVICE_SLACK * err)
+
+
+def gate_tolerance(logits_tol: float) -> float:
+    """Recorded fusion weights of a sequence in a batch against alone (absolute; they are O(1)):
+    1e-5 on the CPU; on a GPU backend the layer inputs they are computed from already differ by
+    the device's batch rounding, so the weights get the logits' relative bound."""
+    return 1e-5 if GPU_LAYERS == 0 else max(1e-5, logits_tol)
