@@ -46,7 +46,8 @@ install-vulkan:
 	$(MAKE) install VENV=$(VULKAN_VENV) CMAKE_ARGS="$$(python3 runtime/native/vulkan_deps.py)"
 
 # the parity and batch tests and tests/test_gpu_backend.py with every layer on the Vulkan device,
-# then with only the last one there (the scheduler splits the graph; three families, as Mesa's
+# then with two of them there (llama.cpp offloads from the end: the last layer and the output
+# layer; the first layers stay on the CPU and the scheduler splits the graph; three families, as Mesa's
 # software device is slow); on lavapipe where there is no GPU, which ggml-vulkan skips unless
 # GGML_VK_VISIBLE_DEVICES is set. About 1.5 hours on 2 cores.
 VULKAN_TESTS = tests/test_gpu_backend.py tests/test_batch_cache.py tests/test_parity.py
@@ -54,7 +55,7 @@ VULKAN_SPLIT_ARCHS ?= llama,gemma2,phi3
 test-vulkan: install install-vulkan
 	GGML_VK_VISIBLE_DEVICES=0 LORAFLOW_TEST_GPU_LAYERS=-1 LORAFLOW_CPU_PYTHON=$(abspath $(PY)) \
 		$(VULKAN_VENV)/bin/pytest -q $(VULKAN_TESTS)
-	GGML_VK_VISIBLE_DEVICES=0 LORAFLOW_TEST_GPU_LAYERS=1 LORAFLOW_TEST_ARCHS=$(VULKAN_SPLIT_ARCHS) \
+	GGML_VK_VISIBLE_DEVICES=0 LORAFLOW_TEST_GPU_LAYERS=2 LORAFLOW_TEST_ARCHS=$(VULKAN_SPLIT_ARCHS) \
 		LORAFLOW_CPU_PYTHON=$(abspath $(PY)) $(VULKAN_VENV)/bin/pytest -q $(VULKAN_TESTS)
 
 # does LoRA-Flow run these Hugging Face model_types exactly? make check-arch ARCH="starcoder2 cohere"

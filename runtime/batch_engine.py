@@ -51,6 +51,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: Optional[int] = None
+    ignore_eos: bool = False           # never sample an end-of-generation token (benchmarks: fixed lengths)
 
 
 @dataclass
@@ -314,6 +315,8 @@ class BatchEngine:
         from llama_cpp import _internals
 
         sampler = _internals.LlamaSampler()
+        if s.ignore_eos:
+            sampler.add_logit_bias(self.llm.n_vocab(), {t: float("-inf") for t in self.llm.eog_tokens})
         if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
             sampler.add_penalties(64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
         if s.temperature <= 0:

@@ -113,6 +113,14 @@ class FlowLlama(llama_cpp.Llama):
     def adapter_names(self) -> List[str]:
         return list(self.flow.names) if self.flow else []
 
+    @property
+    def eog_tokens(self) -> List[int]:
+        """The vocabulary's end-of-generation tokens (what `ignore_eos` masks), found once."""
+        if not hasattr(self, "_eog_tokens"):
+            vocab = self._model.vocab
+            self._eog_tokens = [t for t in range(self.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        return self._eog_tokens
+
     # mode
 
     @property

@@ -66,6 +66,7 @@ class _Common(BaseModel):
     stop: Optional[Union[str, List[str]]] = None
     stream: bool = False
     n: int = 1
+    ignore_eos: bool = False  # as llama.cpp's server: generate max_tokens, never an end-of-generation token
     # loraflow's own fields
     flow_mode: Optional[str] = None
     flow_weights: Optional[Weights] = None
@@ -265,7 +266,7 @@ class BatchedServing:
         user_stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
         sampling = Sampling(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
                             repeat_penalty=req.repeat_penalty, frequency_penalty=req.frequency_penalty,
-                            presence_penalty=req.presence_penalty, seed=req.seed)
+                            presence_penalty=req.presence_penalty, seed=req.seed, ignore_eos=req.ignore_eos)
         try:
             return self.engine.submit(tokens, mode, weights, max_tokens=req.max_tokens, sampling=sampling,
                                       stop=user_stop + stop)
@@ -442,6 +443,9 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None, par
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def eos_bias(req) -> Dict[str, Any]:
+        return dict(logit_bias={t: float("-inf") for t in llm.eog_tokens}) if req.ignore_eos else {}
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         prompt = req.prompt
@@ -450,7 +454,7 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None, par
                 raise BadRequest("one prompt per request", "prompt")
             prompt = prompt[0]
         kwargs = dict(prompt=prompt, max_tokens=req.max_tokens, echo=req.echo, logprobs=req.logprobs,
-                      **req.sampling())
+                      **req.sampling(), **eos_bias(req))
         return await respond(req, lambda: llm.create_completion(**kwargs))
 
     @app.post("/v1/chat/completions")
@@ -458,7 +462,8 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None, par
         if not req.messages:
             raise BadRequest("messages must not be empty", "messages")
         kwargs = dict(messages=req.messages, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                      top_logprobs=req.top_logprobs, response_format=req.response_format, **req.sampling())
+                      top_logprobs=req.top_logprobs, response_format=req.response_format, **req.sampling(),
+                      **eos_bias(req))
         return await respond(req, lambda: llm.create_chat_completion(**kwargs))
 
     return app

@@ -166,6 +166,21 @@ def test_completion_per_request_mode(server):
     assert status == 200 and out["flow_mode"] == "dynamic" and out["choices"][0]["text"] == texts["dynamic"]
 
 
+def test_ignore_eos_generates_max_tokens(server):
+    """llama.cpp's server field: no end-of-generation token is sampled, so the answer has exactly
+    max_tokens tokens, and they are what FlowLlama gives with those tokens' logits at -inf."""
+    llm = server["llm"]
+    llm.set_mode("dynamic")
+    bias = {t: float("-inf") for t in llm.eog_tokens}
+    assert bias, "the tiny model has end-of-generation tokens"
+    ref = llm.create_completion("The weather today", max_tokens=24, temperature=0.0, logit_bias=bias)
+    status, out = post(server["url"] + "/v1/completions", dict(prompt="The weather today", max_tokens=24,
+                                                                temperature=0.0, ignore_eos=True))
+    assert status == 200, out
+    assert out["usage"]["completion_tokens"] == 24 and out["choices"][0]["finish_reason"] == "length"
+    assert out["choices"][0]["text"] == ref["choices"][0]["text"]
+
+
 @pytest.mark.parametrize("body, param, fragment", [
     (dict(flow_mode="bogus"), "flow_mode", "unknown mode 'bogus'"),
     (dict(flow_mode="single:nope"), "flow_mode", "no adapter named 'nope'"),

@@ -2,6 +2,7 @@
 
     python runtime/native/build.py [--force] [--jobs N]
     python runtime/native/build.py --released    # the unpatched release's wheel (benchmarks)
+    python runtime/native/build.py --llama-server    # stock llama-server from the same source (benchmarks.serve)
 
 Downloads the pinned llama-cpp-python source distribution from the package index,
 copies our sources (runtime/native/src) into its vendored llama.cpp, applies
@@ -145,15 +146,44 @@ def released_wheel(jobs: int | None = None) -> Path:
     return wheel
 
 
+def released_llama_server(jobs: int | None = None) -> Path:
+    """Stock llama.cpp's `llama-server`, built from the pinned source as released (no patch),
+    cached: what benchmarks.serve compares `loraflow serve` with."""
+    user_cmake_args = os.environ.get("CMAKE_ARGS", "")
+    root = cache_root() / "released"
+    out = root / f"llama-server-{LLAMA_CPP_PYTHON_VERSION}-{cmake_args_key(user_cmake_args)}"
+    binary = out / "llama-server"
+    if not binary.exists():
+        print(f"loraflow: building stock llama-server from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s llama.cpp "
+              "(several minutes)", flush=True)
+        top = source_dir(root)
+        if not top.exists():
+            top = prepare_source(root, fetch_sdist(cache_root()), patched=False)
+        build = root / f"server-build-{LLAMA_CPP_PYTHON_VERSION}-{cmake_args_key(user_cmake_args)}"
+        run(["cmake", "-S", str(top / "vendor" / "llama.cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+             "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF",
+             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
+             *user_cmake_args.split()])
+        run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs or os.cpu_count() or 2)])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(build / "bin" / "llama-server", binary)
+    return binary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached wheel exists")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compile jobs")
     ap.add_argument("--released", action="store_true",
                     help="only build (cached) the unpatched release's wheel and print its path; install nothing")
+    ap.add_argument("--llama-server", action="store_true",
+                    help="only build (cached) stock llama-server from the unpatched source and print its path")
     args = ap.parse_args()
     if args.released:
         print(released_wheel(args.jobs))
+        return 0
+    if args.llama_server:
+        print(released_llama_server(args.jobs))
         return 0
 
     user_cmake_args = os.environ.get("CMAKE_ARGS", "")

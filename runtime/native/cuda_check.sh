@@ -46,7 +46,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 step build "$PY" runtime/native/build.py
 step install "$PY" -m pip install --no-deps --no-build-isolation --no-index --find-links "$D/wheels" .
 
-for ngl in -1 1; do
+for ngl in -1 2; do  # all layers; the last layer and the output layer (the rest on the CPU: a split)
     step "parity-gpu-layers$ngl" env LORAFLOW_TEST_GPU_LAYERS=$ngl "$PY" -m pytest -q -s -p no:cacheprovider \
         tests/test_parity.py tests/test_gpu_backend.py
 done
