@@ -49,7 +49,7 @@ install-vulkan:
 # then with two of them there (llama.cpp offloads from the end: the last layer and the output
 # layer; the first layers stay on the CPU and the scheduler splits the graph; three families, as Mesa's
 # software device is slow); on lavapipe where there is no GPU, which ggml-vulkan skips unless
-# GGML_VK_VISIBLE_DEVICES is set. About 1.5 hours on 2 cores.
+# GGML_VK_VISIBLE_DEVICES is set. About 2 hours on 2 cores (pass 1: 98 minutes).
 VULKAN_TESTS = tests/test_gpu_backend.py tests/test_batch_cache.py tests/test_parity.py
 VULKAN_SPLIT_ARCHS ?= llama,gemma2,phi3
 test-vulkan: install install-vulkan
