@@ -175,12 +175,10 @@ class MultiSeqContext:
         n_vocab = self.llm.n_vocab()
         total = sum(map(len, seqs))
         logits = np.array([np.ctypeslib.as_array(self.ctx.get_logits_ith(i), shape=(n_vocab,)) for i in range(total)])
-        n = self.B.llama_flow_n_recorded(self.ctx.ctx) if self.flow else 0
-        k = self.llm.flow.n_adapters
-        gates = None
-        if n:
-            gates = np.stack([np.ctypeslib.as_array(self.B.llama_flow_get_gates(self.ctx.ctx, il), shape=(n * k,))
-                              .reshape(n, k) for il in range(self.llm.flow.n_layer)], axis=1)
+        from loraflow.runtime.flow_llama import recorded_gates
+
+        recorded = self.flow and self.B.llama_flow_n_recorded(self.ctx.ctx)
+        gates = recorded_gates(self.ctx.ctx, self.llm.flow) if recorded else None
         bounds = np.cumsum([0] + [len(s) for s in seqs])
         return [logits[a:b] for a, b in zip(bounds, bounds[1:])], gates
 
