@@ -191,6 +191,15 @@ class Engine:
         return queue, cancel
 
 
+def _one_prompt(prompt):
+    """A completion's prompt: a string or token ids; a list of strings must hold exactly one."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise BadRequest("one prompt per request", "prompt")
+        return prompt[0]
+    return prompt
+
+
 def _key(weights):
     if weights is None:
         return None
@@ -249,11 +258,7 @@ class BatchedServing:
             stop = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop] if formatted.stop else []
             return self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special,
                                      special=True), stop
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise BadRequest("one prompt per request", "prompt")
-            prompt = prompt[0]
+        prompt = _one_prompt(req.prompt)
         if isinstance(prompt, list):
             return list(prompt), []
         return (self.llm.tokenize(prompt.encode("utf-8"), special=True) if prompt else [self.llm.token_bos()]), []
@@ -448,11 +453,7 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None, par
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise BadRequest("one prompt per request", "prompt")
-            prompt = prompt[0]
+        prompt = _one_prompt(req.prompt)
         kwargs = dict(prompt=prompt, max_tokens=req.max_tokens, echo=req.echo, logprobs=req.logprobs,
                       **req.sampling(), **eos_bias(req))
         return await respond(req, lambda: llm.create_completion(**kwargs))
