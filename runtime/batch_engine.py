@@ -41,6 +41,19 @@ class RequestError(LoraFlowError):
         self.param = param
 
 
+def check_mode(flow, mode: str, weights) -> None:
+    """RequestError (naming the request field) for a mode or weights the flow adapter `flow`
+    (None: no adapter) cannot run."""
+    if flow is None:
+        if mode != "off":
+            raise RequestError("no flow adapter is loaded; only flow_mode 'off' is available", "flow_mode")
+        return
+    try:
+        resolve_mode(mode, flow.names, flow.n_layer, weights)
+    except LoraFlowError as e:
+        raise RequestError(str(e), "flow_weights" if "weights" in str(e) else "flow_mode") from None
+
+
 @dataclass
 class Sampling:
     temperature: float = 0.8
@@ -182,14 +195,7 @@ class BatchEngine:
 
     def check_mode(self, mode: str, weights) -> None:
         """RequestError for a mode or weights this adapter cannot run."""
-        if self.llm.flow is None:
-            if mode != "off":
-                raise RequestError("this engine has no flow adapter; only mode 'off' is available", "flow_mode")
-            return
-        try:
-            resolve_mode(mode, self.llm.flow.names, self.llm.flow.n_layer, weights)
-        except LoraFlowError as e:
-            raise RequestError(str(e), "flow_weights" if "weights" in str(e) else "flow_mode") from None
+        check_mode(self.llm.flow, mode, weights)
 
     def submit(self, tokens: Sequence[int], mode: str = "dynamic", weights=None, max_tokens: Optional[int] = 16,
                sampling: Optional[Sampling] = None, stop: Sequence[str] = ()) -> Request:

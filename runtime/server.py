@@ -35,7 +35,6 @@ import uuid
 from typing import Any, Dict, List, Optional, Union
 
 from loraflow.errors import LoraFlowError
-from loraflow.modes import resolve_mode
 
 try:
     from fastapi import FastAPI, Request
@@ -124,15 +123,12 @@ class Engine:
 
     def check(self, mode: str, weights) -> None:
         """Raise BadRequest for a mode or weights this adapter cannot run."""
-        names = self.llm.adapter_names
-        if self.llm.flow is None:
-            if mode != "off":
-                raise BadRequest("this server has no flow adapter; only flow_mode 'off' is available", "flow_mode")
-            return
+        from loraflow.runtime.batch_engine import RequestError, check_mode
+
         try:
-            resolve_mode(mode, names, self.llm.flow.n_layer, weights)
-        except LoraFlowError as e:
-            raise BadRequest(str(e), "flow_weights" if "weights" in str(e) else "flow_mode") from None
+            check_mode(self.llm.flow, mode, weights)
+        except RequestError as e:
+            raise BadRequest(str(e), e.param) from None
 
     def mode_of(self, req: _Common):
         if req.flow_mode is None and req.flow_weights is None:
