@@ -10,8 +10,9 @@ fusion mode (dynamic, its own static weights, one LoRA alone, the average, or th
 
 The modes are data of one graph (llama_flow_set_seq_mode), so sequences in different modes share
 every decode step. The engine's thread owns the context: between two decode steps requests join
-free slots and finished ones leave; prompts are fed in chunks so one long prompt does not stall
-the others; every request samples with its own llama.cpp sampler chain; stop strings end it; a
+free slots and finished ones leave; prompts are fed first come, first served, in chunks of at
+most prefill_chunk tokens a step while others wait, so one long prompt does not stall the
+others' decoding and the first to come gets its first token first; every request samples with its own llama.cpp sampler chain; stop strings end it; a
 slot keeps its last request's tokens, and a new request in the same mode reuses the longest
 shared prefix of the KV cache. Each slot holds n_ctx / n_parallel tokens: a request that cannot
 fit (prompt + max_tokens) is refused when submitted.
@@ -30,6 +31,9 @@ import numpy as np
 
 from loraflow.errors import LoraFlowError
 from loraflow.modes import resolve_mode
+
+
+PREFILL_CHUNK = 64
 
 
 class RequestError(LoraFlowError):
@@ -96,6 +100,7 @@ class Request:
         self.n_cached = 0
         self.submitted = time.perf_counter()
         self.first_token_at: Optional[float] = None
+        self.first_token_step: Optional[int] = None   # the engine's decode step that gave it
         self.cancelled = threading.Event()
         self.done = threading.Event()
         self._pieces: "queue.Queue[Optional[str]]" = queue.Queue()
@@ -150,10 +155,12 @@ class _Slot:
 class BatchEngine:
     """Continuous batching of requests on a second context of `llm`'s model with `n_parallel`
     sequences (slots) and llm's flow adapter; `n_ctx` tokens of KV cache in all (default: llm's
-    context size for each slot), `n_batch` tokens per decode step."""
+    context size for each slot), `n_batch` tokens per decode step, of which at most `prefill_chunk`
+    prompt tokens while other requests wait (smaller: an earlier first token for the others;
+    larger: fewer, fuller steps)."""
 
     def __init__(self, llm, n_parallel: int = 4, n_ctx: Optional[int] = None, n_batch: int = 512,
-                 n_threads: Optional[int] = None):
+                 n_threads: Optional[int] = None, prefill_chunk: int = PREFILL_CHUNK):
         import llama_cpp
         from llama_cpp import _internals
 
@@ -161,6 +168,9 @@ class BatchEngine:
 
         if n_parallel < 1:
             raise LoraFlowError(f"n_parallel must be >= 1, got {n_parallel}")
+        if prefill_chunk < 1:
+            raise LoraFlowError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.llm, self.B, self._llama_cpp = llm, B, llama_cpp
         self.n_parallel = n_parallel
         params = llama_cpp.llama_context_default_params()
@@ -351,13 +361,21 @@ class BatchEngine:
         n = 0
         logit_rows = {}                     # batch row -> slot whose next token it samples
         generating = [s for s in active if s.request.generated or len(s.pending) == 1]
-        prefilling = [s for s in active if s not in generating]
-        budget = self.n_batch - len(generating)
-        for slot in generating + prefilling:
-            take = len(slot.pending) if slot in generating else \
-                min(len(slot.pending), max(1, budget // max(1, len(prefilling))))
-            if slot not in generating:
-                budget -= take
+        # prompts first come, first served, so that the first to come gets its first token first:
+        # the oldest takes up to prefill_chunk tokens (the whole batch when nobody else waits),
+        # later ones join the step only whole, in the room left
+        prefilling = sorted((s for s in active if s not in generating), key=lambda s: s.request.submitted)
+        room = self.n_batch - len(generating)
+        if len(active) > 1:
+            room = min(room, self.prefill_chunk)
+        chunks = []
+        for slot in prefilling:
+            take = min(len(slot.pending), room)
+            if take <= 0 or (chunks and take < len(slot.pending)):
+                break
+            chunks.append((slot, take))
+            room -= take
+        for slot, take in [(s, len(s.pending)) for s in generating] + chunks:
             if n + take > self.n_batch:
                 take = self.n_batch - n
             if take <= 0:
@@ -387,6 +405,7 @@ class BatchEngine:
         request = slot.request
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
+            request.first_token_step = self.stats["decode_steps"]
         if self._llama_cpp.llama_vocab_is_eog(self.vocab, token):
             self._flush(slot, final=True)
             self._finish(slot, "stop")

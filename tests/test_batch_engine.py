@@ -75,6 +75,34 @@ def test_every_mode_at_once_equals_each_alone(setup, n_parallel, n_batch):
     assert status["slots_busy"] == 0 and status["queued"] == 0 and status["finished"] == len(MODES)
 
 
+def test_prompts_first_come_first_served(setup):
+    """Six requests that arrive together, with room for four prompt tokens per step while others
+    wait: prompts are fed in the order they came, so their first tokens come in that order (the
+    first does not wait for the others' prompts), and each answer is still its solo answer. A
+    request alone is fed whole: one step for its prompt."""
+    llm, prompts = setup["llm"], setup["prompts"]
+    refs = [solo(llm, p, mode, w, 6) for p, (mode, w) in zip(prompts, MODES)]
+    engine = BatchEngine(llm, n_parallel=6, n_ctx=6 * 128, prefill_chunk=4)
+    try:
+        with engine.lock:  # the engine's thread waits: all six are queued before its first step
+            requests = [engine.submit(p, mode, w, max_tokens=6, sampling=Sampling(temperature=0.0, ignore_eos=True))
+                        for p, (mode, w) in zip(prompts, MODES)]
+        results = [r.result(timeout=120) for r in requests]
+        firsts = [r.first_token_step for r in requests]
+        steps = engine.status()["decode_steps"]
+        lone = engine.submit(prompts[-1], max_tokens=3, sampling=Sampling(temperature=0.0, ignore_eos=True))
+        lone.result(timeout=60)
+        lone_steps = engine.status()["decode_steps"] - steps
+    finally:
+        engine.close()
+    # prompts of 6, 3, 7, 7, 3 and 16 tokens, 4 a step: the first is done in the second step, the
+    # last after all the others
+    assert firsts == sorted(firsts) and firsts[0] == 2 and firsts[-1] > 10, firsts
+    for (mode, _), ref, res in zip(MODES, refs, results):
+        assert res.tokens[:len(ref)] == ref, f"{mode}: batched {res.tokens} != alone {ref}"
+    assert len(prompts[-1]) > 4 and lone_steps == 3, f"{len(prompts[-1])} prompt tokens alone took {lone_steps} steps"
+
+
 def test_stream_stop_and_prefix_reuse(setup):
     llm, prompts = setup["llm"], setup["prompts"]
     engine = BatchEngine(llm, n_parallel=2, n_ctx=256)
