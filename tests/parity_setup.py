@@ -97,36 +97,66 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-# On a GPU backend, the stock base's own error may exceed TOL (lavapipe's batched matmuls take
+# On a GPU backend, stock llama.cpp's own error may exceed TOL (lavapipe's batched matmuls take
 # their activations in F16): there the flow path may be off by what stock llama.cpp is on the
 # same tokens, plus a quarter for the flow's own matmuls, and never less strict than TOL.
 DEVICE_SLACK = 1.25
 
 
+def set_stock_loras(model_ptr, ctx_ptr, flow, scales) -> None:
+    """Stock llama.cpp's own LoRA path on a context: the flow file's adapters exported as stock
+    LoRA GGUFs (export-lora divides s_i back out of B and writes alpha = s_i r_i) and set at
+    `scales`, which makes it the flow's static mode with those weights."""
+    import ctypes
+    import tempfile
+    from pathlib import Path
+
+    import llama_cpp
+
+    from loraflow.converter.export_lora import export_lora
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loras = [llama_cpp.llama_adapter_lora_init(model_ptr, str(
+            export_lora(flow.path, name, Path(tmp) / f"{name}.gguf")).encode()) for name in flow.names]
+    assert all(loras)
+    n = len(loras)
+    rc = llama_cpp.llama_set_adapters_lora(ctx_ptr, (llama_cpp.llama_adapter_lora_p_ctypes * n)(*loras), n,
+                                          (ctypes.c_float * n)(*scales))
+    assert rc == 0
+
+
 def tolerances(setup) -> dict[str, float]:
-    """{"batch": ..., "token": ...}: TOL on the CPU; on a GPU backend the larger of TOL and
-    DEVICE_SLACK times stock llama.cpp's error (the base alone, no adapter, same settings) against
-    the PyTorch base, measured once per arch."""
+    """{"batch": ..., "token": ...}: TOL on the CPU. On a GPU backend the larger of TOL and
+    DEVICE_SLACK times stock llama.cpp's error against the PyTorch model, measured once per arch
+    and k with the same settings, in the worse of two configurations: the base alone (PyTorch's
+    off mode), and the base with the flow file's LoRAs through stock's own LoRA path at 1/k each
+    (PyTorch's average mode), which does per module the extra matmuls the flow graph does."""
     if GPU_LAYERS == 0:
         return {"batch": TOL, "token": TOL}
     if "tolerances" not in setup:
         import llama_cpp
 
-        model, tokens = setup["model"], setup["tokens"]
+        model, tokens, llm, k = setup["model"], setup["tokens"], setup["llm"], setup["k"]
         mode = model.mode
-        model.set_mode("off")
-        ref = torch_logits(model, tokens)
+        errs = {}
+        for label, torch_mode, scales in (("base alone", "off", None), ("with its LoRAs", "average", [1 / k] * k)):
+            model.set_mode(torch_mode)
+            ref = torch_logits(model, tokens)
+            stock = llama_cpp.Llama(str(setup["base"]), **RUNTIME)
+            try:
+                if scales:
+                    set_stock_loras(stock._model.model, stock._ctx.ctx, llm.flow, scales)
+                stock.eval(tokens)
+                errs[label] = (rel_err(np.array(stock.scores[: len(tokens)], dtype=np.float32), ref),
+                               rel_err(runtime_token_by_token(stock, tokens), ref))
+            finally:
+                stock.close()
         model.set_mode(mode)
-        stock = llama_cpp.Llama(str(setup["base"]), **RUNTIME)
-        try:
-            stock.eval(tokens)
-            batch = rel_err(np.array(stock.scores[: len(tokens)], dtype=np.float32), ref)
-            token = rel_err(runtime_token_by_token(stock, tokens), ref)
-        finally:
-            stock.close()
+        batch, token = (max(e[i] for e in errs.values()) for i in (0, 1))
         setup["tolerances"] = {"batch": max(TOL, DEVICE_SLACK * batch), "token": max(TOL, DEVICE_SLACK * token)}
-        print(f"[parity] {setup['arch']} stock llama.cpp on the device: batch {batch:.1e}, token by token "
-              f"{token:.1e} -> tolerances {setup['tolerances']}")
+        print(f"[parity] {setup['arch']} k={k} stock llama.cpp on the device (batch, token by token): " +
+              ", ".join(f"{label} {b:.1e} {t:.1e}" for label, (b, t) in errs.items()) +
+              f" -> tolerances {setup['tolerances']}")
     return setup["tolerances"]
 
 
@@ -201,39 +231,25 @@ class MultiSeqContext:
 BATCH_TOL = 1e-4  # a sequence in a batch against the same sequence alone, of the logits' scale
 
 
-def batch_tolerance(llm, seqs) -> float:
+def batch_tolerance(llm, seqs, scales=None) -> float:
     """BATCH_TOL on the CPU. On a GPU backend a batch's kernels differ from a lone sequence's
     (other tile shapes, other summation orders), so the bound is the larger of BATCH_TOL and
     DEVICE_SLACK times what stock llama.cpp shows there for the same sequences: the base with
-    the flow file's LoRAs (exported as stock LoRAs, all at scale 1) through its own LoRA path,
-    which does the same extra matmuls per module as the flow graph."""
+    the flow file's LoRAs (exported as stock LoRAs, at `scales`, default 1 each: the largest
+    weight a sequence gives each adapter) through its own LoRA path, which does the same extra
+    matmuls per module as the flow graph."""
     if GPU_LAYERS == 0:
         return BATCH_TOL
-    import ctypes
-    import tempfile
-    from pathlib import Path
-
-    import llama_cpp
-
-    from loraflow.converter.export_lora import export_lora
-
     stock = MultiSeqContext(llm, len(seqs), flow=False)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            loras = [llama_cpp.llama_adapter_lora_init(llm._model.model, str(
-                export_lora(llm.flow.path, name, Path(tmp) / f"{name}.gguf")).encode()) for name in llm.flow.names]
-        assert all(loras)
-        n = len(loras)
-        rc = llama_cpp.llama_set_adapters_lora(stock.ctx.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * n)(*loras), n,
-                                              (ctypes.c_float * n)(*[1.0] * n))
-        assert rc == 0
+        set_stock_loras(llm._model.model, stock.ctx.ctx, llm.flow, scales or [1.0] * len(llm.flow.names))
         batched = stock.decode(seqs)[0]
         each = stock.decode_each(seqs)
     finally:
         stock.close()
     err = max(rel_err(b, e) for b, e in zip(batched, each))
-    print(f"[batch] stock llama.cpp with the {len(loras)} LoRAs on the device, {len(seqs)} sequences in a batch "
-          f"vs alone: {err:.1e}")
+    print(f"[batch] stock llama.cpp with the {len(llm.flow.names)} LoRAs on the device (scales {scales}), "
+          f"{len(seqs)} sequences in a batch vs alone: {err:.1e}")
     return max(BATCH_TOL, DEVICE_SLACK * err)
 
 

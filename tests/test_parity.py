@@ -20,8 +20,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fixtures import PARITY_ARCHS  # noqa: E402
-from parity_setup import (N_TOKENS, RUNTIME, TOL, MultiSeqContext, arch_loras, batch_tolerance,  # noqa: E402
-                          build_flow, gate_tolerance, modes_for, rel_err, runtime_token_by_token, tolerances, torch_logits)
+from parity_setup import (DEVICE_SLACK, GPU_LAYERS, N_TOKENS, RUNTIME, TOL, MultiSeqContext,  # noqa: E402
+                          arch_loras, batch_tolerance, build_flow, gate_tolerance, modes_for, rel_err,
+                          runtime_token_by_token, tolerances, torch_logits)
 
 from loraflow.llama_source import llama_cpp_source_dir  # noqa: E402
 
@@ -99,7 +100,9 @@ def test_every_mode_in_one_batch(flow_setup):
     finally:
         multi.close()
     bounds = np.cumsum([0] + [len(s) for s in seqs])
-    tol = batch_tolerance(llm, seqs)
+    # stock's LoRAs at the largest weight any of these modes gives each adapter (1 for single)
+    fixed = [np.abs(np.atleast_2d(w)).max(axis=0) for m, w in modes if m == "static"]
+    tol = batch_tolerance(llm, seqs, scales=[float(x) for x in np.maximum.reduce([np.ones(flow_setup["k"])] + fixed)])
     for i, ((mode, weights), (ref, ref_gates), got) in enumerate(zip(modes, alone, logits)):
         assert rel_err(got, ref) < tol, f"sequence {i} ({mode}) in the mixed batch: {rel_err(got, ref):.2e}"
         if mode != "off":  # FlowLlama records nothing in off mode
@@ -133,9 +136,13 @@ def test_gate_weights_match_torch(flow_setup):
     one_by_one = llm.gate_weights()
     assert batch.shape == one_by_one.shape == ref.shape == (N_TOKENS, flow_setup["n_layer"], flow_setup["k"])
     assert ref.std(axis=0).mean() > 0.01, "the random gate should vary from token to token"
-    # float32 round-off in the residual stream, amplified by gate logits of a few units over T
-    assert np.abs(batch - ref).max() < 1e-3
-    assert np.abs(one_by_one - ref).max() < 1e-3
+    # float32 round-off in the residual stream, amplified by gate logits of a few units over T:
+    # the weights (O(1)) get the logits' relative bound, TOL on the CPU; on a GPU backend the gate
+    # reads layer inputs that are off by the device's rounding, which that bound measures
+    tol = tolerances(flow_setup)
+    assert np.abs(batch - ref).max() < tol["batch"], f"batch weights differ by {np.abs(batch - ref).max():.2e}"
+    assert np.abs(one_by_one - ref).max() < tol["token"], \
+        f"token by token weights differ by {np.abs(one_by_one - ref).max():.2e}"
 
 
 def test_off_matches_stock_llama_cpp(flow_setup, arch_setup):
@@ -176,7 +183,18 @@ def test_single_matches_stock_lora(flow_setup, arch_setup):
         stock.eval(tokens)
         ref = np.array(stock.scores[:N_TOKENS])
         stock.close()
-        assert rel_err(ours, ref) < TOL, f"single:{name} differs from stock llama.cpp by {rel_err(ours, ref):.2e}"
+        tol = TOL
+        if GPU_LAYERS:
+            # both carry the device's rounding, each its own (the flow graph does a LoRA's matmuls
+            # on its concatenated A and B): ours may be off from PyTorch by DEVICE_SLACK times what
+            # stock is, so from stock by the sum
+            model = flow_setup["model"]
+            model.set_mode(f"single:{name}")
+            stock_err = rel_err(ref, torch_logits(model, tokens))
+            tol = max(TOL, (1 + DEVICE_SLACK) * stock_err)
+            print(f"[parity] {flow_setup['arch']} single:{name}: stock llama.cpp vs PyTorch {stock_err:.1e}, "
+                  f"ours vs stock {rel_err(ours, ref):.1e} (bound {tol:.1e})")
+        assert rel_err(ours, ref) < tol, f"single:{name} differs from stock llama.cpp by {rel_err(ours, ref):.2e}"
 
 
 def test_f16_lora_tensors_token_by_token(flow_setup, arch_setup):
