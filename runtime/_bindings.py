@@ -42,6 +42,7 @@ llama_flow_adapter_init = _bind(
 llama_flow_adapter_free = _bind("llama_flow_adapter_free", [llama_flow_adapter_p], None)
 llama_flow_adapter_n_adapters = _bind("llama_flow_adapter_n_adapters", [llama_flow_adapter_p], ctypes.c_int32)
 llama_flow_adapter_n_layer = _bind("llama_flow_adapter_n_layer", [llama_flow_adapter_p], ctypes.c_int32)
+llama_flow_adapter_n_bytes = _bind("llama_flow_adapter_n_bytes", [llama_flow_adapter_p], ctypes.c_uint64)
 llama_flow_adapter_name = _bind("llama_flow_adapter_name", [llama_flow_adapter_p, ctypes.c_int32], ctypes.c_char_p)
 llama_flow_set_adapter = _bind(
     "llama_flow_set_adapter",

@@ -33,20 +33,22 @@ def lora_spec(linears: list[str]) -> dict:
     }
 
 
-def arch_loras(tm, work) -> dict:
-    """The three PEFT LoRAs of lora_spec for the tiny model `tm`, and N_TOKENS random tokens."""
+def arch_loras(tm, work, spec: dict | None = None) -> dict:
+    """The PEFT LoRAs of `spec` (default: lora_spec's three) for the tiny model `tm`, and
+    N_TOKENS random tokens."""
     import transformers
 
-    spec = lora_spec(linear_modules(tm.hf_dir))
+    spec = spec or lora_spec(linear_modules(tm.hf_dir))
     loras = make_tiny_loras(tm.hf_dir, work, spec)
     vocab = transformers.AutoConfig.from_pretrained(str(tm.hf_dir)).vocab_size
     tokens = np.random.default_rng(0).integers(10, vocab, N_TOKENS).tolist()
     return dict(tm=tm, work=work, loras=loras, spec=spec, tokens=tokens)
 
 
-def build_flow(arch_setup: dict, k: int) -> dict:
+def build_flow(arch_setup: dict, k: int, outtype: str = "f32") -> dict:
     """The first k LoRAs of arch_setup and a random gate whose logits spread about 1 at every layer:
-    the flow file, FlowLlama with it (recording gates) and the FlowModel over the HF model."""
+    the flow file (LoRA tensors of `outtype`), FlowLlama with it (recording gates) and the
+    FlowModel over the HF model."""
     from transformers import AutoModelForCausalLM
 
     from loraflow.converter.flow import convert_flow
@@ -64,13 +66,14 @@ def build_flow(arch_setup: dict, k: int) -> dict:
     gate = synthetic.write_gate_checkpoint(work / f"gate{k}" / "gate.safetensors",
                                            synthetic.random_gate(tm.n_layer, k, tm.n_embd, seed=k, input_rms=rms),
                                            names, temperature=temperature)
-    flow = convert_flow(tm.gguf, [(n, arch_setup["loras"][n]) for n in names], gate, work / f"flow{k}.gguf",
-                        force=True)
+    flow = convert_flow(tm.gguf, [(n, arch_setup["loras"][n]) for n in names], gate,
+                        work / (f"flow{k}.gguf" if outtype == "f32" else f"flow{k}-{outtype}.gguf"), force=True,
+                        outtype=outtype)
     llm = FlowLlama(str(tm.gguf), flow_path=str(flow), record_gates=True, **RUNTIME)
     model = FlowModel(hf, [read_peft_adapter(arch_setup["loras"][n]) for n in names], names)
     model.load_gate(gate)
     return dict(llm=llm, model=model, names=names, tokens=arch_setup["tokens"], k=k, n_layer=tm.n_layer,
-                arch=tm.arch, gate=gate, base=tm.gguf)
+                arch=tm.arch, gate=gate, base=tm.gguf, flow=flow)
 
 
 def torch_logits(model, tokens):

@@ -34,7 +34,8 @@ struct llama_flow_adapter {
     const llama_model & model;
 
     int32_t k      = 0; // number of fused LoRAs
-    int32_t n_rank = 0; // rank rows per module inside the runtime: k * r_max, interleaved
+    int32_t n_rank = 0; // rank rows per module inside the runtime: k * r_max, adapter by adapter
+    int32_t r_max  = 0; // the largest rank: each adapter's rows are padded to it
     float   temperature = 1.0f;
 
     std::vector<std::string> names;
@@ -51,7 +52,9 @@ struct llama_flow_adapter {
     explicit llama_flow_adapter(const llama_model & model) : model(model) {}
 
     // upper bound of graph nodes the flow adds, for llama_context::graph_max_nodes
-    uint32_t n_nodes() const { return 5u*weights.size() + 2u*groups.size() + 8u*gate_w.size() + 16u; }
+    uint32_t n_nodes() const { return 5u*weights.size() + 5u*groups.size() + 8u*gate_w.size() + 16u; }
+
+    size_t n_bytes() const; // of its tensors in backend buffers
 };
 
 // How one sequence's tokens are fused: the gate (dynamic), or fixed weights (static, average,

@@ -5,9 +5,10 @@
 //     y      = W h + sum_i w_l,i(t) s_i B_i A_i h  =  W h + B_cat (expand(w_l) * (A_cat h))
 // A_cat stacks the k LoRAs' A (rank R = sum r_i), B_cat their B with s_i folded in, and
 // expand() repeats each adapter's weight over its r_i rank rows: two matmuls per module
-// whatever k is. Modules reading the same input share one A matmul (see groups). At load
-// the rank rows are interleaved (row q*k + i = rank q of adapter i, padded to the largest
-// rank), so expand() is the broadcasting of ggml_mul and costs no graph node.
+// whatever k is. Modules reading the same input share one A matmul (see groups). Inside the
+// runtime each adapter's rank rows are padded to the largest rank r_max (row i*r_max + q = rank
+// q of adapter i), so expand() is the broadcasting of ggml_mul over a [r_max, k] view; when the
+// ranks are equal that is the file's own layout, and B is used as stored (Q8_0 included).
 
 #include "llama-flow-impl.h"
 
@@ -302,9 +303,9 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
         return c;
     };
 
-    // Inside the runtime the rank rows are interleaved: internal row q*k + i holds rank row q
-    // of adapter i (zero where q >= r_i), k * r_max rows in all. The gate's k weights then
-    // scale (A h) by plain broadcasting, with no expansion step in the graph.
+    // Inside the runtime, internal row i*r_max + q holds rank row q of adapter i (zero where
+    // q >= r_i), k * r_max rows in all: the gate's k weights then scale (A h) by broadcasting
+    // over a [r_max, k] view. With equal ranks this is the file's layout.
     int64_t r_max = 0;
     for (int64_t r : ranks) {
         r_max = std::max(r_max, r);
@@ -313,10 +314,12 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
     std::vector<int64_t> row_of(n_rank); // file row -> internal row
     for (int64_t i = 0, file_row = 0; i < (int64_t) k; ++i) {
         for (int64_t q = 0; q < ranks[i]; ++q) {
-            row_of[file_row++] = q*k + i;
+            row_of[file_row++] = i*r_max + q;
         }
     }
     ad->n_rank = (int32_t) n_row;
+    ad->r_max = (int32_t) r_max;
+    const bool file_layout = n_row == n_rank; // equal ranks: B's columns need no moving
 
     // what to read into each device tensor: as it is (gates), rows to internal rank rows (the
     // A of a group, up to 3 members), columns to internal rank rows (B)
@@ -357,13 +360,14 @@ std::unique_ptr<llama_flow_adapter> flow_load(const llama_model & model, const s
         upload up_a = { A_ROWS, a, {} };
         for (size_t m = 0; m < grp.size(); ++m) {
             const lora_pair & p = *grp[m];
-            // B keeps F32 or F16; a Q8_0 B becomes F16, since its rows are reordered
-            const ggml_type b_type = p.b->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+            // B is used as stored when its columns stay where they are; otherwise they are moved,
+            // and a Q8_0 B becomes F16 (its blocks would straddle the padding)
+            const ggml_type b_type = file_layout || p.b->type == GGML_TYPE_F32 ? p.b->type : GGML_TYPE_F16;
             ggml_tensor * b = ggml_new_tensor_2d(ctx_for(p.base), b_type, n_row, p.b->ne[1]);
             ggml_set_name(b, p.b->name);
             ad->weights[p.base] = { (int32_t) il, group_id, (int64_t) m*n_row, b };
             up_a.src[m] = p.a;
-            uploads.push_back({ B_COLS, b, { p.b } });
+            uploads.push_back({ file_layout ? COPY : B_COLS, b, { p.b } });
         }
         uploads.push_back(up_a);
     }
@@ -564,7 +568,7 @@ ggml_tensor * llama_flow_graph::gate(ggml_context * ctx0, llm_graph_result * res
             ggml_set_output(w);
             res->t_flow_gate[il] = w;
         }
-        g = w; // [k, n_tokens]: broadcasts over the interleaved rank rows
+        g = w; // [k, n_tokens]
     }
     if (g->ne[1] == n_cols) {
         return g;
@@ -612,8 +616,13 @@ ggml_tensor * llama_flow_graph::apply(ggml_context * ctx0, llm_graph_result * re
 
     ggml_tensor *& gah = group_out[{fw.group, cur}];
     if (!gah) {
-        // g broadcasts over the group's stacked modules: each has the same rank layout
-        gah = ggml_mul(ctx0, ggml_mul_mat(ctx0, ad.groups[fw.group].a, cur), g);
+        // A h viewed as [r_max, k * members, n]: g, viewed as [1, k, n], broadcasts over each
+        // adapter's rank rows and over the group's stacked modules (each has the same layout)
+        ggml_tensor * ah = ggml_mul_mat(ctx0, ad.groups[fw.group].a, cur);
+        const int64_t n = ah->ne[1];
+        ggml_tensor * gah3 = ggml_mul(ctx0, ggml_reshape_3d(ctx0, ah, ad.r_max, ah->ne[0]/ad.r_max, n),
+                                      ggml_reshape_3d(ctx0, g, 1, ad.k, n));
+        gah = ggml_reshape_2d(ctx0, gah3, ah->ne[0], n);
     }
     ggml_tensor * gah_w = gah->ne[0] == ad.n_rank ? gah :
         ggml_view_2d(ctx0, gah, ad.n_rank, gah->ne[1], gah->nb[1], fw.row0*gah->nb[0]);
@@ -695,6 +704,18 @@ int32_t llama_flow_adapter_n_layer(const llama_flow_adapter * adapter) {
 
 const char * llama_flow_adapter_name(const llama_flow_adapter * adapter, int32_t i) {
     return i >= 0 && i < adapter->k ? adapter->names[i].c_str() : nullptr;
+}
+
+size_t llama_flow_adapter::n_bytes() const {
+    size_t n = 0;
+    for (const auto & buf : bufs) {
+        n += ggml_backend_buffer_get_size(buf.get());
+    }
+    return n;
+}
+
+uint64_t llama_flow_adapter_n_bytes(const llama_flow_adapter * adapter) {
+    return adapter->n_bytes();
 }
 
 int32_t llama_flow_set_adapter(llama_context * ctx, llama_flow_adapter * adapter, char * err, size_t err_size) {

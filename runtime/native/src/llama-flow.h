@@ -27,6 +27,9 @@ LLAMA_API void llama_flow_adapter_free(struct llama_flow_adapter * adapter);
 LLAMA_API int32_t      llama_flow_adapter_n_adapters(const struct llama_flow_adapter * adapter);
 LLAMA_API int32_t      llama_flow_adapter_n_layer   (const struct llama_flow_adapter * adapter);
 LLAMA_API const char * llama_flow_adapter_name      (const struct llama_flow_adapter * adapter, int32_t i);
+// Bytes of the adapter's tensors in backend buffers (LoRA A and B as loaded, and the gates):
+// what a decoded token reads besides the base model.
+LLAMA_API uint64_t     llama_flow_adapter_n_bytes   (const struct llama_flow_adapter * adapter);
 
 // Attach (or, with NULL, detach) a flow adapter on a context. The context's graphs are built
 // at once with the adapter, so a model whose graph the flow cannot follow is refused here.
