@@ -12,9 +12,9 @@ The modes are data of one graph (llama_flow_set_seq_mode), so sequences in diffe
 every decode step. The engine's thread owns the context: between two decode steps requests join
 free slots and finished ones leave; prompts are fed first come, first served, in chunks of at
 most prefill_chunk tokens a step while others wait, so one long prompt does not stall the
-others' decoding and the first to come gets its first token first; every request samples with its own llama.cpp sampler chain; stop strings end it; a
-slot keeps its last request's tokens, and a new request in the same mode reuses the longest
-shared prefix of the KV cache. Each slot holds n_ctx / n_parallel tokens: a request that cannot
+others' decoding and the first to come gets its first token first; every request samples with
+its own llama.cpp sampler chain; stop strings end it; a slot keeps its last request's tokens,
+and a new request in the same mode reuses the longest shared prefix of the KV cache. Each slot holds n_ctx / n_parallel tokens: a request that cannot
 fit (prompt + max_tokens) is refused when submitted.
 """
 
