@@ -37,6 +37,11 @@ OUR_SOURCES = {  # our file -> where it goes inside vendor/llama.cpp
     HERE / "src" / "llama-flow-impl.h": "src/llama-flow-impl.h",
     HERE / "src" / "llama-flow.cpp": "src/llama-flow.cpp",
 }
+# ggml's AMX matmul (chosen by -march=native on Sapphire Rapids and newer) faults in ldtilecfg
+# at the first batch (llama.cpp#20824, open; seen here on a Xeon VM). Undefining the compiler's
+# macro builds the CPU backend as on a CPU without AMX (its AVX-512 kernels instead). Every
+# build takes these, the released ones too, so the benchmarks compare like with like.
+NO_AMX_CMAKE_ARGS = ["-DCMAKE_C_FLAGS=-U__AMX_INT8__", "-DCMAKE_CXX_FLAGS=-U__AMX_INT8__"]
 # Only the shared library is needed; upstream tools, tests and the multimodal library are not.
 BASE_CMAKE_ARGS = [
     "-DLLAVA_BUILD=OFF",
@@ -44,6 +49,7 @@ BASE_CMAKE_ARGS = [
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_TOOLS=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
+    *NO_AMX_CMAKE_ARGS,
 ]
 
 
@@ -56,13 +62,13 @@ def build_key(user_cmake_args: str) -> str:
     for path in [PATCH, *sorted(OUR_SOURCES)]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
-    h.update(user_cmake_args.encode())
+    h.update(cmake_args_key(user_cmake_args).encode())
     return h.hexdigest()[:16]
 
 
 def cmake_args_key(user_cmake_args: str) -> str:
-    """The CMAKE_ARGS part of a build or wheel folder's name."""
-    return hashlib.sha256(user_cmake_args.encode()).hexdigest()[:8]
+    """The CMAKE_ARGS part of a build or wheel folder's name (ours and the user's)."""
+    return hashlib.sha256(" ".join([*BASE_CMAKE_ARGS, user_cmake_args]).encode()).hexdigest()[:8]
 
 
 def pip(*args: str) -> list[str]:
@@ -163,7 +169,7 @@ def released_llama_server(jobs: int | None = None) -> Path:
         run(["cmake", "-S", str(top / "vendor" / "llama.cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
              "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF",
              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
-             *user_cmake_args.split()])
+             *NO_AMX_CMAKE_ARGS, *user_cmake_args.split()])
         run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs or os.cpu_count() or 2)])
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(build / "bin" / "llama-server", binary)
