@@ -524,7 +524,7 @@ def main() -> int:
     print(f"\nfiles: base {sizes['base'] / 2**20:.1f} MiB, flow {sizes['flow'] / 2**20:.2f} MiB, "
           f"stock LoRAs {sizes['stock'] / 2**20:.2f} MiB; bandwidth before and after "
           + ", ".join(f"{b / 1e9:.1f}" for b in bandwidth) + " GB/s")
-    stem = f"decode-{args.shape}" if args.shape else "decode"
+    stem = f"decode-{args.shape or base.stem}-k{args.k}-r{args.rank}-{args.outtype}"
     (out / f"{stem}.json").write_text(json.dumps(dict(settings=vars(args) | {"model": str(base)}, sizes=sizes,
                                                       bandwidth=bandwidth, results=results, rounds=runs),
                                                  indent=2, default=str))

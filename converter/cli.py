@@ -10,6 +10,7 @@ import click
 
 from loraflow.converter.base import BASE_OUTTYPES
 from loraflow.converter.export_lora import EXPORT_OUTTYPES
+from loraflow.converter.flow import DEFAULT_OUTTYPE, OUTTYPES
 from loraflow.click_group import ErrorExitGroup
 
 
@@ -38,8 +39,8 @@ def main(verbose):
 @click.option("--gate", required=True, type=click.Path(exists=True),
               help="Gate checkpoint: our gate.safetensors (or its folder) or the paper's torch file.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="The flow GGUF to write.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "q8_0"]), default="f32", show_default=True,
-              help="Type of the LoRA tensors (gates are always F32).")
+@click.option("--outtype", type=click.Choice(list(OUTTYPES)), default=DEFAULT_OUTTYPE, show_default=True,
+              help="Type of the LoRA tensors (gates are always F32); f32 keeps the PEFT values exactly.")
 @click.option("--temperature", type=float, default=None,
               help="Gate temperature T; default: the checkpoint's, else 1.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")

@@ -29,9 +29,14 @@ OUTTYPES = {
     "f16": gguf.GGMLQuantizationType.F16,
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
 }
+# Q8_0: a quarter of F32's bytes and half of F16's, used by the runtime as stored (B too, when the
+# ranks are equal), and at least as fast as F16 in every measured decode and prefill
+# (docs/BENCHMARKS.md, "Real model sizes"); its error is the one llama.cpp's Q8_0 arithmetic
+# brings anywhere (tests/test_quantized_flow.py). f32 keeps the PEFT values exactly.
+DEFAULT_OUTTYPE = "q8_0"
 
 
-def convert_flow(base, adapters, gate, out, outtype: str = "f32", temperature: float | None = None,
+def convert_flow(base, adapters, gate, out, outtype: str = DEFAULT_OUTTYPE, temperature: float | None = None,
                  force: bool = False) -> Path:
     """Write the flow GGUF `out` for `adapters` [(name, peft_dir), ...] (slot order) and `gate`."""
     out = Path(out)

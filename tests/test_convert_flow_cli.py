@@ -31,6 +31,10 @@ def llama(tiny_models):
 
 
 def run_flow(base, adapters, gate, out, *extra, exit_code=0):
+    """`loraflow-convert flow`, F32 LoRA tensors unless `extra` names a type (the tests compare
+    values with PEFT's and stock llama.cpp's)."""
+    if "--outtype" not in extra:
+        extra = ("--outtype", "f32", *extra)
     args = ["flow", "--base", str(base), "--gate", str(gate), "-o", str(out), *extra]
     for name, path in adapters:
         args += ["--adapter", f"{name}={path}"]
@@ -147,6 +151,21 @@ def round_trip(request, llama, tmp_path_factory):
                                          seed=2, use_rslora=True, layers=[0]))]
     gate = make_random_gate(llama.n_layer, 2, llama.n_embd, d / "gate", ["big", "small"], seed=3, temperature=0.8)
     return d, R, adapters, gate
+
+
+def test_default_lora_type_is_q8_0(llama, round_trip, tmp_path):
+    """A user who passes no --outtype gets Q8_0 LoRA tensors (the smallest and, measured, the
+    fastest: docs/BENCHMARKS.md), byte for byte the file --outtype q8_0 writes."""
+    d, R, adapters, gate = round_trip
+    args = ["flow", "--base", str(llama.gguf), "--gate", str(gate), "-o", str(tmp_path / "default.gguf")]
+    for name, path in adapters:
+        args += ["--adapter", f"{name}={path}"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    run_flow(llama.gguf, adapters, gate, tmp_path / "q8_0.gguf", "--outtype", "q8_0")
+    assert (tmp_path / "default.gguf").read_bytes() == (tmp_path / "q8_0.gguf").read_bytes()
+    types = {t.type for name, t in read_header(tmp_path / "default.gguf").tensors.items() if "flow_gate" not in name}
+    assert gguf.GGMLQuantizationType.Q8_0 in types
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])

@@ -22,7 +22,7 @@ def build_flow(tm, work, tag=""):
     loras = [(n, make_tiny_lora(tm.hf_dir, work / f"{tm.arch}{tag}-{n}", r=4, alpha=8, seed=i + 1))
              for i, n in enumerate(NAMES)]
     gate = make_random_gate(tm.n_layer, 2, tm.n_embd, work / f"{tm.arch}{tag}-gate", NAMES, seed=3)
-    return convert_flow(tm.gguf, loras, gate, work / f"{tm.arch}{tag}-flow.gguf")
+    return convert_flow(tm.gguf, loras, gate, work / f"{tm.arch}{tag}-flow.gguf", outtype="f32")
 
 
 @pytest.fixture(scope="module")

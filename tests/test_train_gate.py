@@ -166,7 +166,7 @@ def test_runtime_gives_the_torch_answers(task_setup, tmp_path):
     s = task_setup
     gguf = convert_tiny_base(s["model"], tmp_path / "model-f32.gguf")
     flow_file = convert_flow(gguf, [(n, s["loras"][n]) for n in ("first", "second")],
-                             s["runs"]["dynamic"] / "gate.safetensors", tmp_path / "flow.gguf")
+                             s["runs"]["dynamic"] / "gate.safetensors", tmp_path / "flow.gguf", outtype="f32")
     common = ["--data", s["files"]["test"], "--extract", "exact", "--max-tokens", LENGTH, "-q", "--threads", "1"]
     cases = {"dynamic": [], "static": ["--static-weights", s["runs"]["static-per-layer"] / "static.json"]}
     report = {}
@@ -213,7 +213,7 @@ def test_chat_template_and_gguf_base(tiny_models, tmp_path):
     from loraflow.converter.flow import convert_flow
 
     flow_file = convert_flow(tm.gguf, [("lang", loras[0]), ("math", loras[1])], out / "gate.safetensors",
-                             tmp_path / "flow.gguf")
+                             tmp_path / "flow.gguf", outtype="f32")
     res = {}
     for backend, args in (("torch", ["--base", tm.hf_dir, *adapter_args, "--gate", out]),
                           ("runtime", ["-m", tm.gguf, "-f", flow_file])):

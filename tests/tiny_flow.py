@@ -17,4 +17,4 @@ def build_tiny_flow(tm, work: Path, names=NAMES, strength: float = 0.5) -> Path:
     loras = [(n, make_tiny_lora(tm.hf_dir, work / f"lora-{n}", r=4, alpha=8, seed=i + 1, strength=strength))
              for i, n in enumerate(names)]
     gate = make_random_gate(tm.n_layer, len(names), tm.n_embd, work / "gate", names, seed=5)
-    return convert_flow(tm.gguf, loras, gate, work / "flow.gguf")
+    return convert_flow(tm.gguf, loras, gate, work / "flow.gguf", outtype="f32")
