@@ -142,9 +142,9 @@ class Recipe:
         if not dynamic.exists():
             run(self.train_gate_cmd("dynamic", Path(f"{dynamic}.tmp"), self.threads), self.log)
             Path(f"{dynamic}.tmp").rename(dynamic)
-        # the static baseline gets its learning rate tuned on the dev set: two weights move little
-        # in 125 steps at the gates' 1e-3 (Adam steps are about lr each), which would make it a
-        # strawman; the gates keep the defaults, untuned
+        # the static baseline gets its learning rate tuned on the dev set (two weights: Adam moves
+        # each by about lr a step, and a poor lr would make it a strawman); the gates keep the
+        # defaults, untuned
         sweep = {}
         procs = []
         for lr in STATIC_LRS:
