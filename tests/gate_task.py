@@ -147,3 +147,90 @@ def train_rule_lora(model_dir, task: Task, rule: np.ndarray, out_dir, steps: int
         opt.zero_grad()
     peft.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+# -- a planted gate --------------------------------------------------------------------------------
+
+PLANTED_PROMPT, PLANTED_LENGTH = 4, 10      # words of prompt and of response per row
+
+
+def make_planted_task(work, strength: float = 0.5, logit_std: float = 3.0, rows: int = 400, seed: int = 0) -> dict:
+    """A teacher with a known token-dependent gate, and data it wrote: the tiny llama of
+    make_task_model, two random LoRAs ("a", "b") and a planted gate W_l ~ N(0, c^2 / (s_l^2 n)),
+    b = 0, so that each token's gate logits spread by about c = logit_std (s_l: the layer input's
+    RMS). Rows are random prompts of PLANTED_PROMPT words and the teacher's greedy continuation,
+    restricted to one-token words so that the text tokenizes back to the same ids. Returns
+    {model, loras [(name, dir)], planted (gate folder), train/dev/test (jsonl, 200/50/rest)}."""
+    import torch
+
+    from fixtures import make_tiny_lora
+    from loraflow.gate_training.load import load_flow_model, load_tokenizer
+
+    work = Path(work)
+    model = make_task_model(work / "model", seed=5)
+    loras = [(n, make_tiny_lora(model, work / f"lora-{n}", seed=i + 1, strength=strength)) for i, n in enumerate("ab")]
+    tok = load_tokenizer(model)
+    vocab = tok.get_vocab()
+    words = torch.tensor(sorted(i for t, i in vocab.items()
+                                if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower() and 4 <= len(t) <= 7))
+    rng = np.random.default_rng(seed)
+    seq = torch.from_numpy(rng.choice(words.numpy(), (rows, PLANTED_PROMPT)))
+    teacher = load_flow_model(model, loras)
+    allowed = torch.full((teacher.model.config.vocab_size,), float("-inf"))
+    allowed[words] = 0.0
+    with torch.no_grad():
+        scales = teacher.measure_input_scales([{"input_ids": seq, "attention_mask": torch.ones_like(seq)}])
+        for g, s in zip(teacher.gates, scales):
+            n = g.weight.shape[1]
+            g.weight.copy_(torch.from_numpy(rng.normal(0.0, logit_std / (s * np.sqrt(n)), g.weight.shape)))
+            g.bias.zero_()
+        for _ in range(PLANTED_LENGTH):
+            seq = torch.cat([seq, (teacher(seq).logits[:, -1] + allowed).argmax(-1, keepdim=True)], 1)
+    planted = work / "planted"
+    teacher.save_gate(planted)
+    out = []
+    for ids in seq.tolist():
+        prompt, response = tok.decode(ids[:PLANTED_PROMPT]), tok.decode(ids[PLANTED_PROMPT:])
+        if tok(prompt + response, add_special_tokens=False)["input_ids"] == ids:
+            out.append({"prompt": prompt, "response": response})
+    assert len(out) > 300, f"only {len(out)} of {rows} rows tokenize back to their ids"
+    files = {name: write_jsonl(work / f"{name}.jsonl", part)
+             for name, part in (("train", out[:200]), ("dev", out[200:250]), ("test", out[250:]))}
+    return dict(model=model, loras=loras, planted=planted, **files)
+
+
+def residual_scaled_copy(model_dir, loras, factor: float, out_dir) -> tuple[Path, list]:
+    """The same function with a residual stream `factor` times larger: the embedding and every
+    write into the residual stream (o_proj, down_proj and their LoRAs' B) scaled by `factor`, the
+    final norm by 1 / factor (the output layer is the tied embedding). Each layer's RMSNorm
+    cancels the scale on the way in, up to its epsilon. Returns (model folder, loras)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    assert model.config.tie_word_embeddings
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(factor)
+        model.model.norm.weight.div_(factor)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(factor)
+            layer.mlp.down_proj.weight.mul_(factor)
+    model.save_pretrained(str(out_dir / "model"))
+    for f in Path(model_dir).iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, out_dir / "model" / f.name)
+    scaled = []
+    for name, src in loras:
+        dst = out_dir / f"lora-{name}"
+        shutil.copytree(src, dst)
+        tensors = load_file(str(dst / "adapter_model.safetensors"))
+        for key, t in tensors.items():
+            if "lora_B" in key and ("o_proj" in key or "down_proj" in key):
+                t.mul_(factor)
+        save_file(tensors, str(dst / "adapter_model.safetensors"))
+        scaled.append((name, dst))
+    return out_dir / "model", scaled

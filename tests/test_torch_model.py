@@ -291,6 +291,43 @@ def test_gate_round_trip_and_paper_import(llama, tmp_path):
     assert torch.equal(logits(imported), ref)
 
 
+def test_input_scales_change_the_parametrization_not_the_gates(llama, tmp_path):
+    """set_input_scales rescales the trained parameter so the gates compute what they did; the
+    checkpoint holds W (what the runtime applies to x), and loads the same into any scales."""
+    names = ["lang", "task"]
+    flow = llama.flow(names)
+    randomize_gates(flow, seed=4)
+    ref, w = logits(flow), [g.weight.detach().clone() for g in flow.gates]
+    mask = torch.ones_like(IDS)
+    mask[1, 4:] = 0                                # a padded row: its last tokens must not count
+    scales = flow.measure_input_scales([{"input_ids": IDS, "attention_mask": mask}])
+    rms = [[] for _ in scales]
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw, l=l: rms[l].append(
+        (a[0] if a else kw["hidden_states"]).detach().pow(2).mean(-1).sqrt()[mask.bool()]), with_kwargs=True)
+        for l, layer in enumerate(flow.model.model.layers)]
+    logits(flow)
+    for h in hooks:
+        h.remove()
+    np.testing.assert_allclose(scales, [float(r[0].median()) for r in rms], rtol=1e-6)
+    assert all(0 < s < 1 for s in scales)
+    flow.set_input_scales([10 * s for s in scales])
+    torch.testing.assert_close(logits(flow), ref, atol=TOL, rtol=0)
+    for g, w0, s in zip(flow.gates, w, scales):
+        torch.testing.assert_close(g.weight.detach(), w0 * 10 * s)
+        torch.testing.assert_close(g.effective_weight().detach(), w0)
+    flow.save_gate(tmp_path / "ckpt")
+    plain = llama.flow(names)                       # input_scale 1: its weight is W
+    plain.load_gate(tmp_path / "ckpt")
+    torch.testing.assert_close(logits(plain), ref, atol=TOL, rtol=0)
+    torch.testing.assert_close(plain.gates[0].weight.detach(), w[0])
+    flow.load_gate(tmp_path / "ckpt")               # into the scaled model: the same gates again
+    torch.testing.assert_close(logits(flow), ref, atol=TOL, rtol=0)
+    with pytest.raises(LoraFlowError, match=r"layer 1: input scale 0.0"):
+        flow.set_input_scales([1.0, 0.0])
+    with pytest.raises(LoraFlowError, match=r"1 input scales for a model of 2 layers"):
+        flow.set_input_scales([1.0])
+
+
 # -- (f) load errors ---------------------------------------------------------------------------------
 
 def test_gate_load_errors(llama, tmp_path):

@@ -5,21 +5,23 @@ fused by LoRA-Flow gates, against the baselines, in PyTorch and in the quantized
 
 Steps (each is skipped when its output exists in the work folder, so a rerun only redoes what
 is missing; `--redo STEP` redoes one step and everything after it):
-    data      the five jsonl sets (recipes/compose/data.py)
+    data      the jsonl sets (recipes/compose/data.py)
     base      SmolLM2-135M-Instruct as a Hugging Face folder, dequantized from the Q4_1 GGUF
     loras     the two LoRAs with PEFT, in two processes of one thread each
     gates     `loraflow train-gate`: the gates (dynamic) and the task-level static weights
     convert   `loraflow-convert flow`: both LoRAs + the gates into one GGUF (f16)
     eval      `loraflow eval` on the test set: six methods x two backends
-    report    the table (exact answer, answer in Spanish), results.json; --docs also writes it
-              into docs/RESULTS.md and draws docs/compose-trace.png
+    heldout   `loraflow eval` on test_heldout (wordings no training set uses): static and LoRA-Flow
+    report    the tables (exact answer, answer in Spanish), results.json; --docs also writes them
+              into docs/RESULTS.md and draws docs/compose-trace.png and docs/compose-gates.png
+
+recipes/compose3 is this recipe with three LoRAs: its Recipe is a subclass of this one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -28,25 +30,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
 
-import data as compose_data  # noqa: E402
+from recipes.compose import data as compose_data  # noqa: E402
 
-STEPS = ["data", "base", "loras", "gates", "convert", "eval", "report"]
-ADAPTERS = ["lang", "math"]
-# (row label, fusion mode of `loraflow eval`)
-METHODS = [("base model", "off"), ("Spanish LoRA alone", "single:lang"), ("math LoRA alone", "single:math"),
-           ("average (1/2, 1/2)", "average"), ("task-level static (learned)", "static"),
-           ("LoRA-Flow (dynamic gates)", "dynamic")]
 BACKENDS = ("torch", "runtime")
 MAX_TOKENS = 40
 # exact answer: the number right after the first "=" is the result (the answer must show the
 # computation; a right number elsewhere in a rambling answer does not count)
 EXTRACT = r"regex:=\s*(-?\d+)"
-# the computation an answer writes out: "a op b ="
-COMPUTATION = re.compile(r"(\d+) ([-+*]) (\d+) =")
+COMPUTATION = compose_data.COMPUTATION       # "a op b =", the computation an answer writes out
 STATIC_LRS = (0.01, 0.1)
-BEGIN, END = "<!-- compose:begin -->", "<!-- compose:end -->"
+OPERATIONS = (("+", "addition"), ("-", "subtraction"), ("*", "multiplication"))
 
 
 def bin_path(name: str) -> str:
@@ -63,28 +58,114 @@ def run(cmd: list[str], log) -> None:
         sys.exit(f"failed (exit {proc.returncode}); see {log}")
 
 
+def run_parallel(jobs: list[tuple[list[str], Path]], n: int) -> None:
+    """Run each (command, log file), n at a time; stop with the failed one's log named."""
+    waiting, active = list(jobs), []
+    while waiting or active:
+        while waiting and len(active) < n:
+            cmd, log = waiting.pop(0)
+            print("$ " + " ".join(cmd), flush=True)
+            active.append((subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT), log))
+        proc, log = active.pop(0)
+        if proc.wait() != 0:
+            for other, _ in active:
+                other.wait()
+            sys.exit(f"failed (exit {proc.returncode}); see {log}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def score(results: list[dict], in_language: list[bool]) -> dict:
+    """Exact answer (EXTRACT's rule re-applied), answer in the problem's language, and both."""
+    from loraflow.gate_training.evaluate import make_extractor
+
+    extract = make_extractor(EXTRACT)
+    exact = [extract(r["prediction"]) == r["reference"] for r in results]
+    n = len(results)
+    return {"examples": n, "exact": sum(exact) / n, "language": sum(in_language) / n,
+            "both": sum(e and s for e, s in zip(exact, in_language)) / n}
+
+
+def by_operation(problems: list[dict], results: list[dict]) -> dict:
+    """Per operation: exact answer, and whether the right computation "a op b =" was written."""
+    from loraflow.gate_training.evaluate import make_extractor
+
+    extract = make_extractor(EXTRACT)
+    asked = [COMPUTATION.search(p["response"]).groups() for p in problems]
+    out = {}
+    for op, _ in OPERATIONS:
+        mine = [(a, r) for a, r in zip(asked, results) if a[1] == op]
+        written = [COMPUTATION.search(r["prediction"]) for _, r in mine]
+        n = len(mine) or None                  # None: no problem of that operation (a tiny test set)
+        out[op] = {"examples": len(mine),
+                   "exact": n and sum(extract(r["prediction"]) == r["reference"] for _, r in mine) / n,
+                   "computation": n and sum(w is not None and w.groups() == a for (a, _), w in zip(mine, written)) / n}
+    return out
+
+
+def percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def replace_between(doc: Path, begin: str, end: str, text: str) -> None:
+    """Put `text` between the markers in `doc` (both must be there)."""
+    old = doc.read_text()
+    if begin not in old or end not in old:
+        raise SystemExit(f"{doc}: the markers {begin} and {end} are missing")
+    a, b = old.index(begin) + len(begin), old.index(end)
+    doc.write_text(old[:a] + "\n" + text + "\n" + old[b:])
+
+
 class Recipe:
+    """The compose recipe's steps over a work folder. A subclass changes the class attributes and
+    the methods that differ (recipes/compose3/run.py)."""
+
+    name = "compose"
+    data = compose_data
+    STEPS = ["data", "base", "loras", "gates", "convert", "eval", "heldout", "report"]
+    ADAPTERS = {"lang": "lang_train", "math": "math_train"}       # adapter -> the set it is trained on
+    # (row label, fusion mode of `loraflow eval`)
+    METHODS = [("base model", "off"), ("Spanish LoRA alone", "single:lang"), ("math LoRA alone", "single:math"),
+               ("average (1/2, 1/2)", "average"), ("task-level static (learned)", "static"),
+               ("LoRA-Flow (dynamic gates)", "dynamic")]
+    HELDOUT_METHODS = ("static", "dynamic")
+    # static fusions learned by gradient: name -> (training set, dev set); each gets STATIC_LRS
+    STATIC = {"static": ("gate_train", "gate_dev")}
+    MARKERS = ("<!-- compose:begin -->", "<!-- compose:end -->")
+    docs = REPO / "docs"                  # where write_docs writes RESULTS.md and the figures
+
     def __init__(self, work: Path, seed: int, threads: int):
         self.work, self.seed, self.threads = work, seed, threads
-        self.data = work / "data"
+        self.data_dir = work / "data"
         self.log = work / "log.txt"
         self.timings_path = work / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
         from loraflow.models import default_model_path
 
         self.gguf = default_model_path()
-        self.flow = work / "compose.flow.gguf"
+        self.flow = work / f"{self.name}.flow.gguf"
+
+    @classmethod
+    def add_arguments(cls, ap) -> None:
+        """A subclass's own command-line options."""
+
+    def configure(self, args) -> None:
+        """Take the subclass's own options from the parsed command line."""
 
     # -- where each step leaves its output ---------------------------------------------------
     def outputs(self, step: str) -> list[Path]:
         return {
-            "data": [self.data],
+            "data": [self.data_dir / f"{name}.jsonl" for name in self.data.SIZES],
             "base": [self.work / "base-hf.txt"],
-            "loras": [self.work / f"lora-{n}" for n in ADAPTERS],
-            "gates": [self.work / "gate-dynamic", self.work / "gate-static",
-                      *(self.work / f"gate-static-lr{lr}" for lr in STATIC_LRS)],
+            "loras": [self.lora_dir(n) for n in self.ADAPTERS],
+            "gates": [self.work / "gate-dynamic",
+                      *(self.work / f"gate-{s}{suffix}" for s in self.STATIC
+                        for suffix in ("", *(f"-lr{lr}" for lr in STATIC_LRS)))],
             "convert": [self.flow],
             "eval": [self.work / "eval"],
+            "heldout": [self.work / "eval-heldout"],
             "report": [self.work / "results.json"],
         }[step]
 
@@ -102,38 +183,41 @@ class Recipe:
     def base_hf(self) -> str:
         return (self.work / "base-hf.txt").read_text().strip()
 
+    def lora_dir(self, name: str) -> Path:
+        return self.work / f"lora-{name}"
+
     def adapter_args(self) -> list[str]:
-        return [a for n in ADAPTERS for a in ("--adapter", f"{n}={self.work / f'lora-{n}'}")]
+        return [a for n in self.ADAPTERS for a in ("--adapter", f"{n}={self.lora_dir(n)}")]
 
     # -- the steps ---------------------------------------------------------------------------
     def step_data(self):
-        compose_data.write_sets(self.data, self.seed)
+        self.data.write_sets(self.data_dir, self.seed)
 
     def step_base(self):
         from loraflow.gate_training.load import dequantized_folder
 
         (self.work / "base-hf.txt").write_text(str(dequantized_folder(self.gguf)) + "\n")
 
-    def step_loras(self):
-        # two processes of one thread each: as fast as one of two threads here, and each run is
-        # deterministic (one thread: the same order of every reduction)
-        procs = []
-        for n in ADAPTERS:
-            cmd = [sys.executable, str(HERE / "train_lora.py"), "--base", self.base_hf,
-                   "--data", str(self.data / f"{n}_train.jsonl"), "--out", str(self.work / f"lora-{n}.tmp"),
-                   "--seed", str(self.seed), "--threads", "1"]
-            print("$ " + " ".join(cmd), flush=True)
-            procs.append((n, subprocess.Popen(cmd, stdout=open(self.work / f"lora-{n}.log", "w"),
-                                              stderr=subprocess.STDOUT)))
-        for n, p in procs:
-            if p.wait() != 0:
-                sys.exit(f"LoRA {n} failed; see {self.work / f'lora-{n}.log'}")
-        for n in ADAPTERS:
-            (self.work / f"lora-{n}.tmp").rename(self.work / f"lora-{n}")
+    def lora_cmd(self, name: str, out: Path) -> list[str]:
+        return [sys.executable, str(HERE / "train_lora.py"), "--base", self.base_hf,
+                "--data", str(self.data_dir / f"{self.ADAPTERS[name]}.jsonl"), "--out", str(out),
+                "--seed", str(self.seed), "--threads", "1"]
 
-    def train_gate_cmd(self, fusion: str, out: Path, threads: int, lr: float | None = None) -> list[str]:
+    def train_loras(self, names: list[str]) -> None:
+        # one process of one thread per LoRA: as fast as one of two threads here, and each run is
+        # deterministic (one thread: the same order of every reduction)
+        run_parallel([(self.lora_cmd(n, Path(f"{self.lora_dir(n)}.tmp")), self.work / f"lora-{n}.log") for n in names],
+                     len(names))
+        for n in names:
+            Path(f"{self.lora_dir(n)}.tmp").rename(self.lora_dir(n))
+
+    def step_loras(self):
+        self.train_loras([n for n in self.ADAPTERS if not self.lora_dir(n).exists()])
+
+    def train_gate_cmd(self, fusion: str, out: Path, threads: int, lr: float | None = None,
+                       data: str = "gate_train", dev: str = "gate_dev") -> list[str]:
         return [bin_path("loraflow"), "train-gate", "--base", self.base_hf, *self.adapter_args(),
-                "--data", str(self.data / "gate_train.jsonl"), "--dev", str(self.data / "gate_dev.jsonl"),
+                "--data", str(self.data_dir / f"{data}.jsonl"), "--dev", str(self.data_dir / f"{dev}.jsonl"),
                 "--fusion", fusion, "--seed", str(self.seed), "--threads", str(threads), "-q",
                 *(["--lr", str(lr)] if lr is not None else []), "-o", str(out), "--force"]
 
@@ -142,42 +226,46 @@ class Recipe:
         if not dynamic.exists():
             run(self.train_gate_cmd("dynamic", Path(f"{dynamic}.tmp"), self.threads), self.log)
             Path(f"{dynamic}.tmp").rename(dynamic)
-        # the static baseline gets its learning rate tuned on the dev set: two weights move little
-        # in 125 steps at the gates' 1e-3 (Adam steps are about lr each), which would make it a
-        # strawman; the gates keep the defaults, untuned
-        sweep = {}
-        procs = []
-        for lr in STATIC_LRS:
-            out = self.work / f"gate-static-lr{lr}"
-            if not (out / "run.json").exists():
-                cmd = self.train_gate_cmd("static", out, 1, lr)
-                print("$ " + " ".join(cmd), flush=True)
-                procs.append(subprocess.Popen(cmd, stdout=open(f"{out}.log", "w"), stderr=subprocess.STDOUT))
-        if any(p.wait() != 0 for p in procs):
-            sys.exit(f"static training failed; see {self.work}/gate-static-lr*.log")
-        for lr in STATIC_LRS:
-            rec = json.loads((self.work / f"gate-static-lr{lr}" / "run.json").read_text())
-            sweep[lr] = {"dev_loss": rec["best"]["dev_loss"], "weights": rec["static_weights"]}
-        best = min(sweep, key=lambda lr: sweep[lr]["dev_loss"])
-        shutil.copytree(self.work / f"gate-static-lr{best}", self.work / "gate-static.tmp", dirs_exist_ok=True)
-        (self.work / "gate-static.tmp" / "sweep.json").write_text(json.dumps({"chosen_lr": best, "sweep": sweep},
-                                                                           indent=2) + "\n")
-        (self.work / "gate-static.tmp").rename(self.work / "gate-static")
+        # each static baseline gets its learning rate tuned on its dev set (a few weights: Adam
+        # moves each by about lr a step, and a poor lr would make it a strawman); the gates keep
+        # the defaults, untuned. The runs take one thread each, `threads` at a time.
+        jobs = []
+        for name, (data, dev) in self.STATIC.items():
+            for lr in STATIC_LRS:
+                out = self.work / f"gate-{name}-lr{lr}"
+                if not (out / "run.json").exists():
+                    jobs.append((self.train_gate_cmd("static", out, 1, lr, data, dev), Path(f"{out}.log")))
+        run_parallel(jobs, self.threads)
+        for name in self.STATIC:
+            sweep = {}
+            for lr in STATIC_LRS:
+                rec = json.loads((self.work / f"gate-{name}-lr{lr}" / "run.json").read_text())
+                sweep[lr] = {"dev_loss": rec["best"]["dev_loss"], "weights": rec["static_weights"]}
+            best = min(sweep, key=lambda lr: sweep[lr]["dev_loss"])
+            tmp = self.work / f"gate-{name}.tmp"
+            shutil.copytree(self.work / f"gate-{name}-lr{best}", tmp, dirs_exist_ok=True)
+            (tmp / "sweep.json").write_text(json.dumps({"chosen_lr": best, "sweep": sweep}, indent=2) + "\n")
+            tmp.rename(self.work / f"gate-{name}")
 
     def step_convert(self):
         run([bin_path("loraflow-convert"), "flow", "--base", str(self.gguf), *self.adapter_args(),
              "--gate", str(self.work / "gate-dynamic" / "gate.safetensors"), "--outtype", "f16",
              "-o", str(self.flow), "--force"], self.log)
 
-    def eval_path(self, backend: str, mode: str, folder: str = "eval") -> Path:
-        return self.work / folder / f"{backend}-{mode.replace(':', '-')}.json"
+    @staticmethod
+    def eval_name(backend: str, mode: str) -> str:
+        return f"{backend}-{mode.replace(':', '-')}.json"
 
-    def eval_cmd(self, backend: str, mode: str, out: Path) -> list[str]:
+    def eval_path(self, backend: str, mode: str, folder: str = "eval") -> Path:
+        return self.work / folder / self.eval_name(backend, mode)
+
+    def eval_cmd(self, backend: str, mode: str, out: Path, data: str = "test", static: str = "static") -> list[str]:
+        """`loraflow eval` of one mode on one set; mode static takes the weights of gate-{static}."""
         cmd = [bin_path("loraflow"), "eval", "--backend", backend, "--mode", mode,
-               "--data", str(self.data / "test.jsonl"), "--extract", EXTRACT,
+               "--data", str(self.data_dir / f"{data}.jsonl"), "--extract", EXTRACT,
                "--max-tokens", str(MAX_TOKENS), "--threads", str(self.threads), "--show", "0", "-q", "-o", str(out)]
         if mode == "static":
-            cmd += ["--static-weights", str(self.work / "gate-static" / "static.json")]
+            cmd += ["--static-weights", str(self.work / f"gate-{static}" / "static.json")]
         if backend == "torch":
             cmd += ["--base", self.base_hf, *self.adapter_args(), "--batch-size", "16"]
             if mode == "dynamic":
@@ -186,74 +274,91 @@ class Recipe:
             cmd += ["-m", str(self.gguf), "-f", str(self.flow)]
         return cmd
 
-    def step_eval(self):
-        tmp = self.work / "eval.tmp"
+    def eval_jobs(self, step: str) -> list[tuple[str, list]]:
+        """The evaluations of step eval or heldout: (file name in the step's folder, eval_cmd args)."""
+        modes = [m for _, m in self.METHODS] if step == "eval" else self.HELDOUT_METHODS
+        data = "test" if step == "eval" else "test_heldout"
+        return [(self.eval_name(b, m), [b, m, data]) for b in BACKENDS for m in modes]
+
+    def run_evals(self, step: str) -> None:
+        folder = self.outputs(step)[0]
+        tmp = Path(f"{folder}.tmp")
         tmp.mkdir(exist_ok=True)
-        for backend in BACKENDS:
-            for _, mode in METHODS:
-                out = self.eval_path(backend, mode, "eval.tmp")
-                if not out.exists():
-                    run(self.eval_cmd(backend, mode, out), self.log)
-        tmp.rename(self.work / "eval")
+        for name, (backend, mode, *rest) in self.eval_jobs(step):
+            if not (tmp / name).exists():
+                run(self.eval_cmd(backend, mode, tmp / name, *rest), self.log)
+        tmp.rename(folder)
+
+    def step_eval(self):
+        self.run_evals("eval")
+
+    def step_heldout(self):
+        self.run_evals("heldout")
+
+    def eval_seconds(self, step: str) -> float:
+        folder = self.outputs(step)[0]
+        return sum(json.loads((folder / name).read_text())["seconds"] for name, _ in self.eval_jobs(step))
+
+    def step_timings(self) -> None:
+        """Step times from the runs' own records (a step can span several invocations): the LoRAs
+        and the static runs train in parallel, so a step takes as long as its longest run."""
+        loras = [self.lora_dir(n) / "train.json" for n in self.ADAPTERS]
+        self.timings["loras"] = max(json.loads(p.read_text())["seconds"] for p in loras if p.exists())
+        self.timings["gates"] = json.loads((self.work / "gate-dynamic" / "run.json").read_text())["timings"]["total_s"] + max(
+            json.loads((self.work / f"gate-{s}-lr{lr}" / "run.json").read_text())["timings"]["total_s"]
+            for s in self.STATIC for lr in STATIC_LRS)
+        for step in ("eval", "heldout"):
+            self.timings[step] = self.eval_seconds(step)
 
     def step_report(self):
-        from loraflow.gate_training.evaluate import make_extractor
-
-        extract = make_extractor(EXTRACT)      # the eval's own rule, re-applied: scores stay EXTRACT's
-        reports = {(backend, mode): json.loads(self.eval_path(backend, mode).read_text())
-                   for backend in BACKENDS for _, mode in METHODS}
-        results = {}
-        for backend in BACKENDS:
-            for label, mode in METHODS:
-                rows = reports[backend, mode]["results"]
-                spanish = [compose_data.is_spanish(r["prediction"]) for r in rows]
-                exact = [extract(r["prediction"]) == r["reference"] for r in rows]
-                results[f"{backend}/{mode}"] = {
-                    "method": label, "backend": backend, "mode": mode, "examples": len(rows),
-                    "exact": sum(exact) / len(rows),
-                    "spanish": sum(spanish) / len(rows),
-                    "both": sum(e and s for e, s in zip(exact, spanish)) / len(rows),
-                    "seconds": reports[backend, mode]["seconds"]}
-        # by operation, PyTorch: exact, and whether the right computation "a op b =" was written
-        test = [json.loads(line) for line in (self.data / "test.jsonl").read_text().splitlines()]
-        problems = [COMPUTATION.search(row["response"]).groups() for row in test]
-        by_op = {}
-        for mode in ("static", "dynamic"):
-            rows = reports["torch", mode]["results"]
-            for op in "+-*":
-                mine = [(p, r) for p, r in zip(problems, rows) if p[1] == op]
-                written = [COMPUTATION.search(r["prediction"]) for _, r in mine]
-                by_op[f"{mode}/{op}"] = {
-                    "examples": len(mine),
-                    "exact": sum(extract(r["prediction"]) == r["reference"] for _, r in mine) / len(mine),
-                    "computation": sum(w is not None and w.groups() == p for (p, _), w in zip(mine, written)) / len(mine)}
-        static = json.loads((self.work / "gate-static" / "static.json").read_text())["weights"]
-        # from the runs' own records (a step can span several invocations): the LoRAs and the
-        # static runs train in parallel, so a step takes as long as its longest run; the evaluations
-        # run one after another
-        self.timings["loras"] = max(json.loads((self.work / f"lora-{n}" / "train.json").read_text())["seconds"]
-                                    for n in ADAPTERS)
-        self.timings["eval"] = sum(rep["seconds"] for rep in reports.values())
-        self.timings["gates"] = json.loads((self.work / "gate-dynamic" / "run.json").read_text())["timings"]["total_s"] + max(
-            json.loads((self.work / f"gate-static-lr{lr}" / "run.json").read_text())["timings"]["total_s"]
-            for lr in STATIC_LRS)
+        test, heldout = (read_jsonl(self.data_dir / f"{s}.jsonl") for s in ("test", "test_heldout"))
+        results, by_op = {}, {}
+        for step, problems, methods in (("eval", test, self.METHODS),
+                                        ("heldout", heldout, [m for m in self.METHODS if m[1] in self.HELDOUT_METHODS])):
+            for backend in BACKENDS:
+                for label, mode in methods:
+                    rows = json.loads(self.eval_path(backend, mode, self.outputs(step)[0].name).read_text())["results"]
+                    key = f"{backend}/{mode}" + ("" if step == "eval" else "/heldout")
+                    results[key] = {"method": label, "backend": backend, "mode": mode,
+                                    **score(rows, [compose_data.is_spanish(r["prediction"]) for r in rows])}
+                    if backend == "torch" and mode in ("static", "dynamic"):
+                        by_op[key.removeprefix("torch/")] = by_operation(problems, rows)
+        self.step_timings()
         record = {"seed": self.seed, "threads": self.threads, "results": results, "by_operation": by_op,
-                  "static_weights": static,
+                  "static_weights": json.loads((self.work / "gate-static" / "static.json").read_text())["weights"],
                   "timings_s": self.timings}
         (self.work / "results.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    # -- the table -------------------------------------------------------------------------------
+    # -- the tables ------------------------------------------------------------------------------
+    def method_table(self, res: dict, methods, suffix: str = "", language: str = "in Spanish") -> list[str]:
+        lines = [f"| method | PyTorch exact | PyTorch {language} | PyTorch both | runtime Q4_1 exact | "
+                 f"runtime Q4_1 {language} | runtime Q4_1 both | exact: runtime - PyTorch |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for label, mode in methods:
+            t, r = res[f"torch/{mode}{suffix}"], res[f"runtime/{mode}{suffix}"]
+            lines.append(f"| {label} | {percent(t['exact'])} | {percent(t['language'])} | {percent(t['both'])} | "
+                         f"{percent(r['exact'])} | {percent(r['language'])} | {percent(r['both'])} | "
+                         f"{100 * (r['exact'] - t['exact']):+.1f} |")
+        return lines
+
+    def operation_table(self, by_op: dict, suffix: str = "") -> list[str]:
+        lines = ["| operation | problems | static exact | static computation | LoRA-Flow exact | LoRA-Flow computation |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for op, name in OPERATIONS:
+            st, dy = by_op[f"static{suffix}"][op], by_op[f"dynamic{suffix}"][op]
+            lines.append(f"| {name} | {st['examples']} | {percent(st['exact'])} | {percent(st['computation'])} | "
+                         f"{percent(dy['exact'])} | {percent(dy['computation'])} |")
+        return lines
+
+    def timing_line(self, rec: dict) -> str:
+        t = rec["timings_s"]
+        return "Time per step on this machine (2 cores): " + ", ".join(
+            f"{s} {t[s] / 60:.1f} min" if t[s] >= 60 else f"{s} {t[s]:.0f} s" for s in self.STEPS if s in t) + "."
+
     def table(self) -> str:
         rec = json.loads((self.work / "results.json").read_text())
         res = rec["results"]
-        lines = ["| method | PyTorch exact | PyTorch in Spanish | PyTorch both | runtime Q4_1 exact | "
-                 "runtime Q4_1 in Spanish | runtime Q4_1 both | exact: runtime - PyTorch |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for label, mode in METHODS:
-            t, r = res[f"torch/{mode}"], res[f"runtime/{mode}"]
-            lines.append(f"| {label} | {100 * t['exact']:.1f} | {100 * t['spanish']:.1f} | {100 * t['both']:.1f} | "
-                         f"{100 * r['exact']:.1f} | {100 * r['spanish']:.1f} | {100 * r['both']:.1f} | "
-                         f"{100 * (r['exact'] - t['exact']):+.1f} |")
+        lines = self.method_table(res, self.METHODS)
         n = res["torch/dynamic"]["examples"]
         best_static = max(("average", "static"), key=lambda m: res[f"torch/{m}"]["exact"])
         gap = 100 * (res["torch/dynamic"]["exact"] - res[f"torch/{best_static}"]["exact"])
@@ -262,47 +367,65 @@ class Recipe:
                   f"(lang, math): {', '.join(f'{x:.3f}' for x in w)}. LoRA-Flow minus the best static fusion "
                   f"({best_static}), PyTorch exact answer: {gap:+.1f} points."]
         lines += ["", "By operation (PyTorch): exact answer / the right computation written (`a op b =`):", "",
-                  "| operation | test problems | static exact | static computation | LoRA-Flow exact | LoRA-Flow computation |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for op, name in (("+", "addition"), ("-", "subtraction"), ("*", "multiplication")):
-            st, dy = rec["by_operation"][f"static/{op}"], rec["by_operation"][f"dynamic/{op}"]
-            lines.append(f"| {name} | {st['examples']} | {100 * st['exact']:.1f} | {100 * st['computation']:.1f} | "
-                         f"{100 * dy['exact']:.1f} | {100 * dy['computation']:.1f} |")
-        t = rec["timings_s"]
-        lines += ["", "Time per step on this machine (2 cores): " +
-                  ", ".join(f"{s} {t[s] / 60:.1f} min" if t[s] >= 60 else f"{s} {t[s]:.0f} s"
-                            for s in STEPS if s in t) + "."]
+                  *self.operation_table(rec["by_operation"])]
+        held = [m for m in self.METHODS if m[1] in self.HELDOUT_METHODS]
+        h = res["torch/dynamic/heldout"]
+        gap_h = 100 * (h["exact"] - res["torch/static/heldout"]["exact"])
+        lines += ["", f"Held-out wordings (`test_heldout`: {h['examples']} problems in "
+                  f"{len(compose_data.SPANISH.heldout)} wordings that no training set uses, two per operation; "
+                  "(operation, a, b) unseen too; nothing was tuned on them):", "",
+                  *self.method_table(res, held, "/heldout"),
+                  "", f"LoRA-Flow minus static on held-out wordings, PyTorch exact answer: {gap_h:+.1f} points "
+                  f"(on the test set's wordings: {100 * (res['torch/dynamic']['exact'] - res['torch/static']['exact']):+.1f}).",
+                  "", "By operation, held-out wordings (PyTorch):", "", *self.operation_table(rec["by_operation"], "/heldout")]
+        lines += ["", self.timing_line(rec)]
         return "\n".join(lines)
 
+    # -- the docs --------------------------------------------------------------------------------
+    def trace_doc(self, prompt: str, png: str, title: str, csv: str) -> None:
+        run([bin_path("loraflow"), "trace", "-m", str(self.gguf), "-f", str(self.flow), "-p", prompt,
+             "-n", str(MAX_TOKENS), "-t", str(self.threads), "-o", str(self.docs / png),
+             "--csv", str(self.work / csv), "--title", title], self.log)
+
+    def gate_figure(self, groups: dict[str, list[int]] | None, png: str, title: str) -> None:
+        """docs/PNG: the mean gate weight of each LoRA per layer over the test set's answers, in the
+        runtime (recipes/compose/analysis.py); `groups` splits the test rows (by language)."""
+        from recipes.compose import analysis
+
+        rows = json.loads(self.eval_path("runtime", "dynamic").read_text())["results"]
+        means = analysis.gate_means(self.gguf, self.flow, self.data_dir / "test.jsonl", rows, groups, self.threads)
+        (self.work / f"{Path(png).stem}.json").write_text(json.dumps(means, indent=2) + "\n")
+        analysis.plot_gate_means(means, self.docs / png, title)
+
     def write_docs(self) -> None:
-        doc = REPO / "docs" / "RESULTS.md"
-        text = doc.read_text()
-        a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
-        doc.write_text(text[:a] + "\n" + self.table() + "\n" + text[b:])
-        example = json.loads((self.data / "test.jsonl").read_text().splitlines()[0])
-        run([bin_path("loraflow"), "trace", "-m", str(self.gguf), "-f", str(self.flow), "-p", example["prompt"],
-             "-n", str(MAX_TOKENS), "-t", str(self.threads), "-o", str(REPO / "docs" / "compose-trace.png"),
-             "--csv", str(self.work / "trace.csv"), "--title", "LoRA-Flow gates: Spanish LoRA vs math LoRA"], self.log)
-        print(f"wrote {doc} and docs/compose-trace.png")
+        doc = self.docs / "RESULTS.md"
+        replace_between(doc, *self.MARKERS, self.table())
+        example = read_jsonl(self.data_dir / "test.jsonl")[0]
+        self.trace_doc(example["prompt"], "compose-trace.png", "LoRA-Flow gates: Spanish LoRA vs math LoRA", "trace.csv")
+        self.gate_figure(None, "compose-gates.png", "LoRA-Flow gates over the 300 test problems: Spanish LoRA vs math LoRA")
+        print(f"wrote {doc}, docs/compose-trace.png and docs/compose-gates.png")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(recipe_class=Recipe, doc=__doc__):
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=None,
-                    help="work folder  [default: $LORAFLOW_CACHE/compose/seed-SEED]")
+                    help=f"work folder  [default: $LORAFLOW_CACHE/{recipe_class.name}/seed-SEED]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="threads of the gate training and evaluation")
-    ap.add_argument("--redo", choices=STEPS, default=None, help="redo this step and the ones after it")
-    ap.add_argument("--docs", action="store_true", help="write the table into docs/RESULTS.md, draw the trace")
+    ap.add_argument("--redo", choices=recipe_class.STEPS, default=None, help="redo this step and the ones after it")
+    ap.add_argument("--docs", action="store_true", help="write the tables into docs/RESULTS.md, draw the figures")
+    recipe_class.add_arguments(ap)
     args = ap.parse_args()
     if args.work is None:
         from loraflow.models import cache_dir
 
-        args.work = cache_dir("compose", f"seed-{args.seed}")
+        args.work = cache_dir(recipe_class.name, f"seed-{args.seed}")
     args.work.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(args.work, args.seed, args.threads)
-    redo = STEPS.index(args.redo) if args.redo else len(STEPS)
-    for i, step in enumerate(STEPS):
+    recipe = recipe_class(args.work, args.seed, args.threads)
+    recipe.configure(args)
+    steps = recipe.STEPS
+    redo = steps.index(args.redo) if args.redo else len(steps)
+    for i, step in enumerate(steps):
         if i >= redo:
             recipe.clear(step)
         if recipe.done(step):

@@ -1,0 +1,120 @@
+"""recipes/compose and recipes/compose3 end to end on a tiny random model: every step (data, LoRAs,
+gates, flow file, evaluations in PyTorch and in the runtime, held-out wordings, report), the
+tables, the docs section and the figures; compose3 reusing compose's Spanish and math LoRAs. The
+sets are shrunk and the commands run in this process (the real runs take hours: docs/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("llama_cpp")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from click.testing import CliRunner  # noqa: E402
+
+from recipes.compose import data as compose_data  # noqa: E402
+from recipes.compose import run as compose_run  # noqa: E402
+from recipes.compose import train_lora  # noqa: E402
+from recipes.compose3 import data as compose3_data  # noqa: E402
+from recipes.compose3 import run as compose3_run  # noqa: E402
+
+
+def run_here(cmd: list[str], log) -> None:
+    """compose_run.run, in this process: the CLIs through click, train_lora.py as a function."""
+    from loraflow.cli import main as loraflow_main
+    from loraflow.converter.cli import main as convert_main
+
+    if cmd[1].endswith("train_lora.py"):
+        opts = dict(zip(cmd[2::2], cmd[3::2]))
+        train_lora.train_lora(opts["--base"], opts["--data"], opts["--out"], seed=int(opts["--seed"]), threads=1)
+        return
+    cli = {"loraflow": loraflow_main, "loraflow-convert": convert_main}[Path(cmd[0]).name]
+    result = CliRunner().invoke(cli, cmd[1:], catch_exceptions=False)
+    assert result.exit_code == 0, (cmd, result.output)
+
+
+def run_all_here(jobs, n) -> None:
+    for cmd, log in jobs:
+        run_here(cmd, log)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from fixtures import convert_tiny_base, make_tiny_model
+
+    root = tmp_path_factory.mktemp("recipe-model")
+    hf = make_tiny_model("llama", root / "hf")
+    return hf, convert_tiny_base(hf, root / "model-f32.gguf")
+
+
+def tiny_recipe(module, tiny, docs: Path):
+    hf, gguf = tiny
+
+    class Tiny(module.Recipe):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.gguf = gguf
+
+        def step_base(self):
+            (self.work / "base-hf.txt").write_text(f"{hf}\n")
+
+    Tiny.docs = docs
+    return Tiny
+
+
+def run_recipe(recipe_class, monkeypatch, *args) -> None:
+    monkeypatch.setattr(sys, "argv", ["run.py", "--threads", "1", "--docs", *map(str, args)])
+    compose_run.main(recipe_class)
+
+
+def test_compose_and_compose3_end_to_end(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compose_run, "run", run_here)
+    monkeypatch.setattr(compose_run, "run_parallel", run_all_here)
+    for name, n in (("lang_train", 24), ("math_train", 24), ("gate_train", 8), ("gate_dev", 4), ("test", 8),
+                    ("test_heldout", 6)):
+        monkeypatch.setitem(compose_data.SIZES, name, n)
+    for name, n in (("gate_train", 8), ("gate_dev", 4), ("test", 8), ("test_heldout", 4)):
+        monkeypatch.setitem(compose3_data.MIXED_SIZES, name, n)
+    monkeypatch.setitem(compose3_data.SIZES, "fr_lang_train", 24)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text("# Results\n\n<!-- compose:begin -->\nold\n<!-- compose:end -->\n\nafter\n")
+
+    compose_work = tmp_path / "compose"
+    run_recipe(tiny_recipe(compose_run, tiny, docs), monkeypatch, "--work", compose_work)
+    results = json.loads((compose_work / "results.json").read_text())["results"]
+    assert {f"{b}/{m}" for b in ("torch", "runtime") for m in ("static", "dynamic")} <= set(results)
+    assert results["torch/dynamic/heldout"]["examples"] == 6 and results["torch/off"]["examples"] == 8
+    text = (docs / "RESULTS.md").read_text()
+    assert "old" not in text and text.endswith("after\n") and "Held-out wordings (`test_heldout`: 6 problems" in text
+    for png in ("compose-trace.png", "compose-gates.png"):
+        assert (docs / png).stat().st_size > 1000
+    means = json.loads((compose_work / "compose-gates.json").read_text())
+    assert means["adapters"] == ["lang", "math"] and len(means["groups"]["all"]["mean"]) == 2   # 2 layers
+
+    work3 = tmp_path / "compose3"
+    run_recipe(tiny_recipe(compose3_run, tiny, docs), monkeypatch, "--work", work3, "--compose-work", compose_work)
+    out = capsys.readouterr().out
+    assert "compose's lora-lang (the same data and seed)" in out and "compose's lora-math" in out
+    for mine, theirs in (("es", "lang"), ("math", "math")):        # reused, not retrained
+        assert (work3 / f"lora-{mine}" / "adapter_model.safetensors").read_bytes() == \
+            (compose_work / f"lora-{theirs}" / "adapter_model.safetensors").read_bytes()
+    assert (work3 / "lora-fr" / "train.json").is_file()
+    rec = json.loads((work3 / "results.json").read_text())
+    assert set(rec["static_weights"]) == {"static", "static-es", "static-fr"}
+    assert all(len(w) == 3 for w in rec["static_weights"].values())
+    r = rec["results"]
+    assert r["torch/oracle"]["examples"] == 8 and r["torch/oracle"]["es"]["examples"] == 4
+    assert r["runtime/dynamic/heldout"]["examples"] == 4
+    text = (docs / "RESULTS.md").read_text()
+    assert "<!-- compose3:begin -->" in text and "per-language oracle static" in text and "Targets (issue 15)" in text
+    for png in ("compose3-gates.png", "compose3-trace-es.png", "compose3-trace-fr.png"):
+        assert (docs / png).stat().st_size > 1000
+    groups = json.loads((work3 / "compose3-gates.json").read_text())["groups"]
+    assert set(groups) == {"Spanish problems", "French problems"}
