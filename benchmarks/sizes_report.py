@@ -67,6 +67,12 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def errorbar(ax, pts: list[tuple[float, tuple[float, float, float]]], label: str) -> None:
+    """(x, (median, low, high)) points as a line with the range of rounds as error bars."""
+    ax.errorbar([x for x, _ in pts], [r[0] for _, r in pts],
+                yerr=[[r[0] - r[1] for _, r in pts], [r[2] - r[0] for _, r in pts]], fmt="o-", capsize=3, label=label)
+
+
 def plots(runs: list[dict], docs: Path, outtype: str) -> list[Path]:
     import matplotlib
 
@@ -78,13 +84,12 @@ def plots(runs: list[dict], docs: Path, outtype: str) -> list[Path]:
     if by_size:
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         for name, label in ((FLOW, "flow dynamic / bare base"), (STOCK, "stock static 2 LoRAs / bare base")):
-            pts = [(r["base_mib"], ratio(r, name, BASE, "decode")) for r in by_size]
-            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
-                        yerr=[[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]],
-                        fmt="o-", capsize=3, label=label)
-        for r in by_size:
-            ax.annotate(r["model"], (r["base_mib"], 1.0), fontsize=7, rotation=30, ha="left", va="bottom")
+            errorbar(ax, [(r["base_mib"], ratio(r, name, BASE, "decode")) for r in by_size], label)
+        for r in by_size:  # the model's name under its stock point
+            ax.annotate(re.sub(r"\.Q\w+$", "", r["model"]), (r["base_mib"], ratio(r, STOCK, BASE, "decode")[1]),
+                        xytext=(0, -12), textcoords="offset points", fontsize=7, ha="center")
         ax.axhline(1.0, color="grey", lw=0.5)
+        ax.margins(y=0.15)
         ax.set_xscale("log")
         ax.set_xlabel("base model file (MiB, Q4_K_M / Q4_1)")
         ax.set_ylabel("decode speed ratio")
@@ -101,12 +106,11 @@ def plots(runs: list[dict], docs: Path, outtype: str) -> list[Path]:
     if by_k:
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         for model, rs in by_k.items():
-            pts = [(r["k"], ratio(r, FLOW, STOCK, "decode")) for r in rs]
-            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
-                        yerr=[[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]],
-                        fmt="o-", capsize=3, label=model)
+            errorbar(ax, [(r["k"], ratio(r, FLOW, STOCK, "decode")) for r in rs], model)
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_xscale("log", base=2)
+        ks = sorted({r["k"] for rs in by_k.values() for r in rs})
+        ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_xlabel("k (LoRAs)")
         ax.set_ylabel("flow dynamic / stock static k LoRAs")
         ax.set_title(f"decode, rank 16, LoRA tensors {outtype}, 2 threads", fontsize=8)
@@ -124,6 +128,7 @@ def main() -> int:
     ap.add_argument("--outtype", default="q8_0", help="the LoRA type the plots show")
     args = ap.parse_args()
     runs = load(args.results)
+    args.docs.mkdir(parents=True, exist_ok=True)
     if not runs:
         raise SystemExit(f"no decode-<model>-k<k>-r<rank>-<outtype>.json results in {args.results}")
     print(table(runs))

@@ -56,8 +56,9 @@ def released(tiny_models, tmp_path_factory):
 
 
 def convert(tm, d, loras, gate, out, *extra):
+    """`loraflow-convert flow` with F32 LoRA tensors (the tests compare with PyTorch's F32 model)."""
     args = ["flow", "--base", str(tm.gguf), "--adapter", f"zh={loras['zh']}", "--adapter", f"math={loras['math']}",
-            "--gate", str(gate), "-o", str(d / out), *extra]
+            "--gate", str(gate), "-o", str(d / out), "--outtype", "f32", *extra]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     return d / out, res
