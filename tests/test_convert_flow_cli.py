@@ -30,12 +30,11 @@ def llama(tiny_models):
     return tiny_models.get("llama")
 
 
-def run_flow(base, adapters, gate, out, *extra, exit_code=0):
-    """`loraflow-convert flow`, F32 LoRA tensors unless `extra` names a type (the tests compare
-    values with PEFT's and stock llama.cpp's)."""
-    if "--outtype" not in extra:
-        extra = ("--outtype", "f32", *extra)
-    args = ["flow", "--base", str(base), "--gate", str(gate), "-o", str(out), *extra]
+def run_flow(base, adapters, gate, out, *extra, outtype="f32", exit_code=0):
+    """`loraflow-convert flow --outtype OUTTYPE`: F32 LoRA tensors unless asked otherwise (the
+    tests compare values with PEFT's and stock llama.cpp's); outtype=None passes no --outtype."""
+    typed = () if outtype is None else ("--outtype", outtype)
+    args = ["flow", "--base", str(base), "--gate", str(gate), "-o", str(out), *typed, *extra]
     for name, path in adapters:
         args += ["--adapter", f"{name}={path}"]
     res = CliRunner().invoke(cli, args)
@@ -157,12 +156,8 @@ def test_default_lora_type_is_q8_0(llama, round_trip, tmp_path):
     """A user who passes no --outtype gets Q8_0 LoRA tensors (the smallest and, measured, the
     fastest: docs/BENCHMARKS.md), byte for byte the file --outtype q8_0 writes."""
     d, R, adapters, gate = round_trip
-    args = ["flow", "--base", str(llama.gguf), "--gate", str(gate), "-o", str(tmp_path / "default.gguf")]
-    for name, path in adapters:
-        args += ["--adapter", f"{name}={path}"]
-    res = CliRunner().invoke(cli, args)
-    assert res.exit_code == 0, res.output
-    run_flow(llama.gguf, adapters, gate, tmp_path / "q8_0.gguf", "--outtype", "q8_0")
+    run_flow(llama.gguf, adapters, gate, tmp_path / "default.gguf", outtype=None)
+    run_flow(llama.gguf, adapters, gate, tmp_path / "q8_0.gguf", outtype="q8_0")
     assert (tmp_path / "default.gguf").read_bytes() == (tmp_path / "q8_0.gguf").read_bytes()
     types = {t.type for name, t in read_header(tmp_path / "default.gguf").tensors.items() if "flow_gate" not in name}
     assert gguf.GGMLQuantizationType.Q8_0 in types
@@ -175,7 +170,7 @@ def test_every_tensor_reads_back(llama, round_trip, outtype):
     f16 rounding of its scale; nothing else in the file."""
     d, R, adapters, gate = round_trip
     out = d / f"flow-{outtype}.gguf"
-    run_flow(llama.gguf, adapters, gate, out, "--outtype", outtype)
+    run_flow(llama.gguf, adapters, gate, out, outtype=outtype)
     h = read_header(out)
     reader = gguf.GGUFReader(str(out))
     expected = expected_flow(llama, adapters)
@@ -305,7 +300,7 @@ def test_other_flow_refusals(llama, tmp_path):
         assert message in res.stderr, res.stderr
         assert "Traceback" not in res.output
         no_output(out)
-    res = run_flow(llama.gguf, [("a", good)], gate, out, "--outtype", "q4_0", exit_code=2)
+    res = run_flow(llama.gguf, [("a", good)], gate, out, outtype="q4_0", exit_code=2)
     assert "Invalid value for '--outtype'" in res.stderr
     no_output(out)
 
@@ -316,7 +311,7 @@ def test_inspect_cli(llama, round_trip, tmp_path):
     d, R, adapters, gate = round_trip
     out = d / "inspect.gguf"
     if not out.exists():
-        run_flow(llama.gguf, adapters, gate, out, "--outtype", "q8_0")
+        run_flow(llama.gguf, adapters, gate, out, outtype="q8_0")
     res = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
