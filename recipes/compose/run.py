@@ -274,10 +274,15 @@ class Recipe:
             cmd += ["-m", str(self.gguf), "-f", str(self.flow)]
         return cmd
 
+    @staticmethod
+    def test_set(step: str) -> str:
+        """The problems evaluation step `step` (eval or heldout) runs on."""
+        return "test" if step == "eval" else "test_heldout"
+
     def eval_jobs(self, step: str) -> list[tuple[str, list]]:
         """The evaluations of step eval or heldout: (file name in the step's folder, eval_cmd args)."""
         modes = [m for _, m in self.METHODS] if step == "eval" else self.HELDOUT_METHODS
-        data = "test" if step == "eval" else "test_heldout"
+        data = self.test_set(step)
         return [(self.eval_name(b, m), [b, m, data]) for b in BACKENDS for m in modes]
 
     def run_evals(self, step: str) -> None:

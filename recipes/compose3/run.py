@@ -87,7 +87,7 @@ class Recipe(compose.Recipe):
         return json.loads(record.read_text())["seed"] == self.seed and data.read_bytes() == mine.read_bytes()
 
     def eval_jobs(self, step: str) -> list[tuple[str, list]]:
-        data = "test" if step == "eval" else "test_heldout"
+        data = self.test_set(step)
         modes = [m for _, m in self.METHODS] if step == "eval" else self.HELDOUT_METHODS
         jobs = []
         for backend in BACKENDS:
@@ -102,7 +102,7 @@ class Recipe(compose.Recipe):
     def results_of(self, step: str, backend: str, mode: str) -> tuple[list[dict], list[dict]]:
         """(the problems, the eval's results for them, in the same order)."""
         folder = self.outputs(step)[0]
-        data = "test" if step == "eval" else "test_heldout"
+        data = self.test_set(step)
         if mode != "oracle":
             return (read_jsonl(self.data_dir / f"{data}.jsonl"),
                     json.loads((folder / self.eval_name(backend, mode)).read_text())["results"])
