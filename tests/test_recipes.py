@@ -1,7 +1,8 @@
 """recipes/compose and recipes/compose3 end to end on a tiny random model: every step (data, LoRAs,
 gates, flow file, evaluations in PyTorch and in the runtime, held-out wordings, report), the
-tables, the docs section and the figures; compose3 reusing compose's Spanish and math LoRAs. The
-sets are shrunk and the commands run in this process (the real runs take hours: docs/RESULTS.md)."""
+tables, the docs section and the figures; compose3 reusing compose's Spanish and math LoRAs, and
+compose reusing compose3's. The sets are shrunk and the commands run in this process (the real runs
+take hours: docs/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def test_compose_and_compose3_end_to_end(tiny, tmp_path, monkeypatch, capsys):
     (docs / "RESULTS.md").write_text("# Results\n\n<!-- compose:begin -->\nold\n<!-- compose:end -->\n\nafter\n")
 
     compose_work = tmp_path / "compose"
-    run_recipe(tiny_recipe(compose_run, tiny, docs), monkeypatch, "--work", compose_work)
+    run_recipe(tiny_recipe(compose_run, tiny, docs), monkeypatch, "--work", compose_work,
+               "--compose3-work", tmp_path / "no-compose3")      # nothing to reuse: all trained here
     results = json.loads((compose_work / "results.json").read_text())["results"]
     assert {f"{b}/{m}" for b in ("torch", "runtime") for m in ("static", "dynamic")} <= set(results)
     assert results["torch/dynamic/heldout"]["examples"] == 6 and results["torch/off"]["examples"] == 8
@@ -118,3 +120,23 @@ def test_compose_and_compose3_end_to_end(tiny, tmp_path, monkeypatch, capsys):
         assert (docs / png).stat().st_size > 1000
     groups = json.loads((work3 / "compose3-gates.json").read_text())["groups"]
     assert set(groups) == {"Spanish problems", "French problems"}
+
+    # the other way round: compose in a new folder takes both its LoRAs from compose3's work folder
+    again = tiny_recipe(compose_run, tiny, docs)(tmp_path / "again", 0, 1)
+    again.shared_work = work3
+    again.step_data()
+    trained = []
+    monkeypatch.setattr(again, "train_loras", trained.extend)
+    again.step_loras()
+    assert trained == []
+    for mine, theirs in (("lang", "es"), ("math", "math")):
+        assert (again.lora_dir(mine) / "adapter_model.safetensors").read_bytes() == \
+            (work3 / f"lora-{theirs}" / "adapter_model.safetensors").read_bytes()
+    # a LoRA trained on other data is not taken: the file compose3's math LoRA was trained on, changed
+    Path(json.loads((work3 / "lora-math" / "train.json").read_text())["data"]).write_text("{}\n")
+    other = tiny_recipe(compose_run, tiny, docs)(tmp_path / "other", 0, 1)
+    other.shared_work = work3
+    other.step_data()
+    monkeypatch.setattr(other, "train_loras", trained.extend)
+    other.step_loras()
+    assert trained == ["math"] and other.lora_dir("lang").is_dir()

@@ -134,6 +134,11 @@ class Recipe:
     # static fusions learned by gradient: name -> (training set, dev set); each gets STATIC_LRS
     STATIC = {"static": ("gate_train", "gate_dev")}
     MARKERS = ("<!-- compose:begin -->", "<!-- compose:end -->")
+    # LoRAs another recipe trains the same way: (its name, {our adapter: its adapter}). step_loras
+    # copies them from its work folder instead of training them again when they were trained there
+    # with our seed on a file of the same bytes as ours
+    SHARED_LORAS = ("compose3", {"lang": "es", "math": "math"})
+    shared_work: Path | None = None      # that recipe's work folder
     docs = REPO / "docs"                  # where write_docs writes RESULTS.md and the figures
 
     def __init__(self, work: Path, seed: int, threads: int):
@@ -149,10 +154,17 @@ class Recipe:
 
     @classmethod
     def add_arguments(cls, ap) -> None:
-        """A subclass's own command-line options."""
+        other = cls.SHARED_LORAS[0]
+        ap.add_argument(f"--{other}-work", dest="shared_work", type=Path, default=None,
+                        help=f"{other}'s work folder, whose LoRAs ({', '.join(cls.SHARED_LORAS[1].values())}) are "
+                             f"reused when they are the same  [default: $LORAFLOW_CACHE/{other}/seed-SEED]")
 
     def configure(self, args) -> None:
-        """Take the subclass's own options from the parsed command line."""
+        if args.shared_work is None:
+            from loraflow.models import cache_dir
+
+            args.shared_work = cache_dir(self.SHARED_LORAS[0], f"seed-{args.seed}")
+        self.shared_work = args.shared_work
 
     # -- where each step leaves its output ---------------------------------------------------
     def outputs(self, step: str) -> list[Path]:
@@ -212,7 +224,28 @@ class Recipe:
             Path(f"{self.lora_dir(n)}.tmp").rename(self.lora_dir(n))
 
     def step_loras(self):
+        other, shared = self.SHARED_LORAS
+        for mine, theirs in shared.items():
+            if not self.lora_dir(mine).exists() and self.same_lora_there(mine, theirs):
+                print(f"{self.lora_dir(mine)}: {other}'s lora-{theirs} (the same data and seed)", flush=True)
+                shutil.copytree(self.shared_work / f"lora-{theirs}", Path(f"{self.lora_dir(mine)}.tmp"))
+                Path(f"{self.lora_dir(mine)}.tmp").rename(self.lora_dir(mine))
         self.train_loras([n for n in self.ADAPTERS if not self.lora_dir(n).exists()])
+
+    def same_lora_there(self, mine: str, theirs: str) -> bool:
+        """Whether the other recipe's work folder holds LoRA `theirs` trained with our seed on a file
+        of the same bytes as the one ours trains on."""
+        if self.shared_work is None:
+            return False
+        record = self.shared_work / f"lora-{theirs}" / "train.json"
+        if not record.is_file():
+            return False
+        rec = json.loads(record.read_text())
+        data = Path(rec["data"])           # the file it was trained on (a copied LoRA: in a third folder)
+        if not data.is_file():             # a work folder moved since
+            data = self.shared_work / "data" / data.name
+        return (rec["seed"] == self.seed and data.is_file()
+                and data.read_bytes() == (self.data_dir / f"{self.ADAPTERS[mine]}.jsonl").read_bytes())
 
     def train_gate_cmd(self, fusion: str, out: Path, threads: int, lr: float | None = None,
                        data: str = "gate_train", dev: str = "gate_dev") -> list[str]:

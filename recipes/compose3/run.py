@@ -8,6 +8,7 @@ The steps are recipes/compose's (its Recipe, subclassed here), with:
     data      recipes/compose3/data.py: compose's language and math sets, French ones, mixed problems
     loras     es, fr, math; es and math are compose's (the same data and seed): copied from compose's
               work folder when it has them (--compose-work), else trained here as compose trains them
+              (and compose copies them from here in turn)
     gates     the gate (dynamic, on the mixed set), the task-level static weights (mixed set), and
               the per-language static weights (the Spanish and the French half)
     eval      eight methods x two backends on the mixed test set; the per-language oracle static
@@ -21,7 +22,6 @@ The steps are recipes/compose's (its Recipe, subclassed here), with:
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -40,8 +40,7 @@ class Recipe(compose.Recipe):
     name = "compose3"
     data = compose3_data
     ADAPTERS = {"es": "es_lang_train", "fr": "fr_lang_train", "math": "math_train"}
-    # compose's LoRAs that are the same here: this recipe's adapter -> compose's adapter
-    FROM_COMPOSE = {"es": "lang", "math": "math"}
+    SHARED_LORAS = ("compose", {"es": "lang", "math": "math"})      # compose's Spanish and math LoRAs
     METHODS = [("base model", "off"), ("Spanish LoRA alone", "single:es"), ("French LoRA alone", "single:fr"),
                ("math LoRA alone", "single:math"), ("average (1/3 each)", "average"),
                ("task-level static (learned on the mixed set)", "static"),
@@ -50,41 +49,6 @@ class Recipe(compose.Recipe):
     STATIC = {"static": ("gate_train", "gate_dev"), "static-es": ("gate_train_es", "gate_dev_es"),
               "static-fr": ("gate_train_fr", "gate_dev_fr")}
     MARKERS = ("<!-- compose3:begin -->", "<!-- compose3:end -->")
-    compose_work: Path | None = None        # compose's work folder, whose LoRAs step_loras reuses
-
-    @classmethod
-    def add_arguments(cls, ap) -> None:
-        ap.add_argument("--compose-work", type=Path, default=None,
-                        help="compose's work folder, whose Spanish and math LoRAs are reused when they are the "
-                             "same  [default: $LORAFLOW_CACHE/compose/seed-SEED]")
-
-    def configure(self, args) -> None:
-        if args.compose_work is None:
-            from loraflow.models import cache_dir
-
-            args.compose_work = cache_dir("compose", f"seed-{args.seed}")
-        self.compose_work = args.compose_work
-
-    def step_loras(self):
-        for name, theirs in self.FROM_COMPOSE.items():
-            mine = self.lora_dir(name)
-            if not mine.exists() and self.same_lora_in_compose(name, theirs):
-                print(f"{mine}: compose's lora-{theirs} (the same data and seed)", flush=True)
-                shutil.copytree(self.compose_work / f"lora-{theirs}", Path(f"{mine}.tmp"))
-                Path(f"{mine}.tmp").rename(mine)
-        super().step_loras()
-
-    def same_lora_in_compose(self, name: str, theirs: str) -> bool:
-        """Whether compose's work folder holds this LoRA: trained, with the same seed, on a file of
-        the same bytes as ours."""
-        if self.compose_work is None:
-            return False
-        record = self.compose_work / f"lora-{theirs}" / "train.json"
-        data = self.compose_work / "data" / f"{compose.Recipe.ADAPTERS[theirs]}.jsonl"
-        if not (record.is_file() and data.is_file()):
-            return False
-        mine = self.data_dir / f"{self.ADAPTERS[name]}.jsonl"
-        return json.loads(record.read_text())["seed"] == self.seed and data.read_bytes() == mine.read_bytes()
 
     def eval_jobs(self, step: str) -> list[tuple[str, list]]:
         data = self.test_set(step)
