@@ -29,8 +29,8 @@ demo: install
 compose: install
 	$(PY) recipes/compose/run.py --docs
 
-# three LoRAs at once (Spanish, French, math; reuses compose's Spanish and math LoRAs when its work
-# folder has them: run `make compose` first to save their training); about 2 hours on 2 cores
+# three LoRAs at once (Spanish, French, math), about 1.5 hours on 2 cores. compose and compose3 share
+# the Spanish and the math LoRA: whichever runs second copies them from the other's work folder
 compose3: install
 	$(PY) recipes/compose3/run.py --docs
 
