@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,14 @@ from loraflow.models import cache_dir
 
 HERE = Path(__file__).resolve().parent
 MAX_ERROR = 0.25           # Q8_0 rounding of B and g reaches ~5% at the worst of 10^5 outputs; a wrong product ~1.4
-BYTES_PER_VALUE = {"q8_0": 34 / 32, "q8_0_plus_y": 34 / 32, "f16": 2, "f32": 4, "q8_0_two_columns": 34 / 32, "out_prod_q8_0": 34 / 32, "swapped_f16": 2}
+
+
+def bytes_per_value(variant: str) -> float:
+    """Bytes per value of B as the variant stores it (its name says the type: q8_0, f16 or f32)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[re.search(r"q8_0|f16|f32", variant).group().upper()]]
+    return size / block
 
 
 def module_outputs(name: str) -> list[int]:
@@ -91,7 +99,7 @@ def main() -> int:
     for variant, times in ms.items():
         t = list(times.values())
         ratio = statistics.median(times[r] / ms["q8_0"][r] for r in times)
-        rate = values * BYTES_PER_VALUE[variant] / (statistics.median(t) / 1e3) / 1e9
+        rate = values * bytes_per_value(variant) / (statistics.median(t) / 1e3) / 1e9
         print(f"| {variant} | {statistics.median(t):.2f} | {min(t):.2f}-{max(t):.2f} | {ratio:.2f}x | {rate:.1f} | {error[variant]:.1e} |")
     print("\nerror: the largest difference from the exact B g over the RMS of B g (Q8_0 and F16 rounding)")
     wrong = [v for v, e in error.items() if not e < MAX_ERROR]

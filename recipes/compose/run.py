@@ -1,13 +1,14 @@
 """The compose recipe, end to end: a Spanish LoRA and a math LoRA on SmolLM2-135M-Instruct,
 fused by LoRA-Flow gates, against the baselines, in PyTorch and in the quantized runtime.
 
-    .venv/bin/python recipes/compose/run.py [--work DIR] [--seed 0] [--docs]
+    .venv/bin/python recipes/compose/run.py [--work DIR] [--seed 0] [--docs] [--compose3-work DIR]
 
 Steps (each is skipped when its output exists in the work folder, so a rerun only redoes what
 is missing; `--redo STEP` redoes one step and everything after it):
     data      the jsonl sets (recipes/compose/data.py)
     base      SmolLM2-135M-Instruct as a Hugging Face folder, dequantized from the Q4_1 GGUF
-    loras     the two LoRAs with PEFT, in two processes of one thread each
+    loras     the two LoRAs with PEFT, in two processes of one thread each (or copied from compose3's
+              work folder when it trained the same ones: the same data and seed)
     gates     `loraflow train-gate`: the gates (dynamic) and the task-level static weights
     convert   `loraflow-convert flow`: both LoRAs + the gates into one GGUF (f16)
     eval      `loraflow eval` on the test set: six methods x two backends
@@ -155,7 +156,7 @@ class Recipe:
     @classmethod
     def add_arguments(cls, ap) -> None:
         other = cls.SHARED_LORAS[0]
-        ap.add_argument(f"--{other}-work", dest="shared_work", type=Path, default=None,
+        ap.add_argument(f"--{other}-work", dest="shared_work", metavar="DIR", type=Path, default=None,
                         help=f"{other}'s work folder, whose LoRAs ({', '.join(cls.SHARED_LORAS[1].values())}) are "
                              f"reused when they are the same  [default: $LORAFLOW_CACHE/{other}/seed-SEED]")
 
@@ -226,10 +227,11 @@ class Recipe:
     def step_loras(self):
         other, shared = self.SHARED_LORAS
         for mine, theirs in shared.items():
-            if not self.lora_dir(mine).exists() and self.same_lora_there(mine, theirs):
-                print(f"{self.lora_dir(mine)}: {other}'s lora-{theirs} (the same data and seed)", flush=True)
-                shutil.copytree(self.shared_work / f"lora-{theirs}", Path(f"{self.lora_dir(mine)}.tmp"))
-                Path(f"{self.lora_dir(mine)}.tmp").rename(self.lora_dir(mine))
+            dest = self.lora_dir(mine)
+            if not dest.exists() and self.same_lora_there(mine, theirs):
+                print(f"{dest}: {other}'s lora-{theirs} (the same data and seed)", flush=True)
+                shutil.copytree(self.shared_work / f"lora-{theirs}", Path(f"{dest}.tmp"))
+                Path(f"{dest}.tmp").rename(dest)
         self.train_loras([n for n in self.ADAPTERS if not self.lora_dir(n).exists()])
 
     def same_lora_there(self, mine: str, theirs: str) -> bool:
