@@ -89,12 +89,17 @@ def test_compose_and_compose3_end_to_end(tiny, tmp_path, monkeypatch, capsys):
 
     compose_work = tmp_path / "compose"
     run_recipe(tiny_recipe(compose_run, tiny, docs), monkeypatch, "--work", compose_work,
-               "--compose3-work", tmp_path / "no-compose3")      # nothing to reuse: all trained here
+               "--compose3-work", tmp_path / "no-compose3", "--f32-check")      # nothing to reuse: all trained here
     results = json.loads((compose_work / "results.json").read_text())["results"]
-    assert {f"{b}/{m}" for b in ("torch", "runtime") for m in ("static", "dynamic")} <= set(results)
+    assert {f"{b}/{m}" for b in ("torch", "runtime", "f32") for m in ("static", "dynamic")} <= set(results)
     assert results["torch/dynamic/heldout"]["examples"] == 6 and results["torch/off"]["examples"] == 8
+    # the runtime on an F32 GGUF of the weights PyTorch runs gives PyTorch's answers, text for text
+    f32 = [results[f"f32/{m}"]["vs_torch"] for _, m in compose_run.Recipe.METHODS]
+    assert len(f32) == 6 and all(v == {"only_torch": 0, "only_runtime": 0, "text_differs": 0} for v in f32), f32
+    assert not (compose_work / "base-f32.gguf").exists()
     text = (docs / "RESULTS.md").read_text()
     assert "old" not in text and text.endswith("after\n") and "Held-out wordings (`test_heldout`: 6 problems" in text
+    assert "F32: answers differing in text" in text and "F32 runtime, all its rows together: 0 answers right only" in text
     for png in ("compose-trace.png", "compose-gates.png"):
         assert (docs / png).stat().st_size > 1000
     means = json.loads((compose_work / "compose-gates.json").read_text())
@@ -113,6 +118,9 @@ def test_compose_and_compose3_end_to_end(tiny, tmp_path, monkeypatch, capsys):
     assert all(len(w) == 3 for w in rec["static_weights"].values())
     r = rec["results"]
     assert r["torch/oracle"]["examples"] == 8 and r["torch/oracle"]["es"]["examples"] == 4
+    assert not any(k.startswith("f32/") for k in r) and not (work3 / "eval-f32").exists()     # no --f32-check
+    v = r["runtime/oracle"]["vs_torch"]
+    assert 0 <= v["only_torch"] + v["only_runtime"] <= v["text_differs"] <= 8
     assert r["runtime/dynamic/heldout"]["examples"] == 4
     text = (docs / "RESULTS.md").read_text()
     assert "<!-- compose3:begin -->" in text and "per-language oracle static" in text and "Targets (issue 15)" in text
@@ -140,3 +148,15 @@ def test_compose_and_compose3_end_to_end(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(other, "train_loras", trained.extend)
     other.step_loras()
     assert trained == ["math"] and other.lora_dir("lang").is_dir()
+
+
+def test_paired_counts_and_sign_test():
+    rows = lambda preds: [{"prediction": p, "reference": "4"} for p in preds]   # noqa: E731
+    torch_rows, runtime_rows = rows(["2 + 2 = 4", "2 + 2 = 4.", "1 = 3", "x = 5"]), rows(["2 + 2 = 4", "2 + 2 = 5", "1 = 4", "y = 5"])
+    assert compose_run.paired(torch_rows, runtime_rows) == {"only_torch": 1, "only_runtime": 1, "text_differs": 3}
+    with pytest.raises(ValueError):
+        compose_run.paired(torch_rows, runtime_rows[:3])
+    # 9 to 1: 2 * (C(10,0) + C(10,1)) / 2^10
+    assert compose_run.sign_test(9, 1) == pytest.approx(22 / 1024) == compose_run.sign_test(1, 9)
+    assert compose_run.sign_test(5, 5) == 1.0 and compose_run.sign_test(0, 0) == 1.0
+    assert compose_run.sign_test(6, 0) == pytest.approx(2 / 64)

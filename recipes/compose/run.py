@@ -1,7 +1,7 @@
 """The compose recipe, end to end: a Spanish LoRA and a math LoRA on SmolLM2-135M-Instruct,
 fused by LoRA-Flow gates, against the baselines, in PyTorch and in the quantized runtime.
 
-    .venv/bin/python recipes/compose/run.py [--work DIR] [--seed 0] [--docs] [--compose3-work DIR]
+    .venv/bin/python recipes/compose/run.py [--work DIR] [--seed 0] [--docs] [--compose3-work DIR] [--f32-check]
 
 Steps (each is skipped when its output exists in the work folder, so a rerun only redoes what
 is missing; `--redo STEP` redoes one step and everything after it):
@@ -13,8 +13,11 @@ is missing; `--redo STEP` redoes one step and everything after it):
     convert   `loraflow-convert flow`: both LoRAs + the gates into one GGUF (f16)
     eval      `loraflow eval` on the test set: six methods x two backends
     heldout   `loraflow eval` on test_heldout (wordings no training set uses): static and LoRA-Flow
-    report    the tables (exact answer, answer in Spanish), results.json; --docs also writes them
-              into docs/RESULTS.md and draws docs/compose-trace.png and docs/compose-gates.png
+    f32       with --f32-check only: the runtime's evaluations of the test set again, on an F32 GGUF
+              of the very weights PyTorch runs: what the runtime gives without Q4_1's rounding
+    report    the tables (exact answer, answer in Spanish; the runtime against PyTorch problem by
+              problem), results.json; --docs also writes them into docs/RESULTS.md and draws
+              docs/compose-trace.png and docs/compose-gates.png
 
 recipes/compose3 is this recipe with three LoRAs: its Recipe is a subclass of this one.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -106,6 +110,25 @@ def by_operation(problems: list[dict], results: list[dict]) -> dict:
     return out
 
 
+def paired(torch_rows: list[dict], runtime_rows: list[dict]) -> dict:
+    """Problem by problem, one backend against the other: the answers right in PyTorch only, right
+    in the runtime only, and the answers whose text differs at all."""
+    from loraflow.gate_training.evaluate import make_extractor
+
+    extract = make_extractor(EXTRACT)
+    right = [(extract(t["prediction"]) == t["reference"], extract(r["prediction"]) == r["reference"])
+             for t, r in zip(torch_rows, runtime_rows, strict=True)]
+    return {"only_torch": sum(t and not r for t, r in right), "only_runtime": sum(r and not t for t, r in right),
+            "text_differs": sum(t["prediction"] != r["prediction"] for t, r in zip(torch_rows, runtime_rows))}
+
+
+def sign_test(a: int, b: int) -> float:
+    """Two-sided exact sign test: the chance of a split of a + b answers at least as uneven as a to b
+    when each answer is as likely to go either way."""
+    n = a + b
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2 ** n) if n else 1.0
+
+
 def percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -125,7 +148,7 @@ class Recipe:
 
     name = "compose"
     data = compose_data
-    STEPS = ["data", "base", "loras", "gates", "convert", "eval", "heldout", "report"]
+    STEPS = ["data", "base", "loras", "gates", "convert", "eval", "heldout", "f32", "report"]
     ADAPTERS = {"lang": "lang_train", "math": "math_train"}       # adapter -> the set it is trained on
     # (row label, fusion mode of `loraflow eval`)
     METHODS = [("base model", "off"), ("Spanish LoRA alone", "single:lang"), ("math LoRA alone", "single:math"),
@@ -140,6 +163,7 @@ class Recipe:
     # with our seed on a file of the same bytes as ours
     SHARED_LORAS = ("compose3", {"lang": "es", "math": "math"})
     shared_work: Path | None = None      # that recipe's work folder
+    f32_check = False                     # run step f32
     docs = REPO / "docs"                  # where write_docs writes RESULTS.md and the figures
 
     def __init__(self, work: Path, seed: int, threads: int):
@@ -152,6 +176,7 @@ class Recipe:
 
         self.gguf = default_model_path()
         self.flow = work / f"{self.name}.flow.gguf"
+        self.f32_gguf = work / "base-f32.gguf"
 
     @classmethod
     def add_arguments(cls, ap) -> None:
@@ -159,6 +184,9 @@ class Recipe:
         ap.add_argument(f"--{other}-work", dest="shared_work", metavar="DIR", type=Path, default=None,
                         help=f"{other}'s work folder, whose LoRAs ({', '.join(cls.SHARED_LORAS[1].values())}) are "
                              f"reused when they are the same  [default: $LORAFLOW_CACHE/{other}/seed-SEED]")
+        ap.add_argument("--f32-check", action="store_true",
+                        help="also evaluate the runtime on an F32 GGUF of the base PyTorch runs (step f32), "
+                             "to tell the runtime's own differences from Q4_1's rounding")
 
     def configure(self, args) -> None:
         if args.shared_work is None:
@@ -166,6 +194,11 @@ class Recipe:
 
             args.shared_work = cache_dir(self.SHARED_LORAS[0], f"seed-{args.seed}")
         self.shared_work = args.shared_work
+        self.f32_check = args.f32_check
+
+    def wanted(self, step: str) -> bool:
+        """Step f32 runs only with --f32-check (a run of it done before stays in the report)."""
+        return step != "f32" or self.f32_check or self.done(step)
 
     # -- where each step leaves its output ---------------------------------------------------
     def outputs(self, step: str) -> list[Path]:
@@ -179,6 +212,7 @@ class Recipe:
             "convert": [self.flow],
             "eval": [self.work / "eval"],
             "heldout": [self.work / "eval-heldout"],
+            "f32": [self.work / "eval-f32"],
             "report": [self.work / "results.json"],
         }[step]
 
@@ -294,8 +328,10 @@ class Recipe:
     def eval_path(self, backend: str, mode: str, folder: str = "eval") -> Path:
         return self.work / folder / self.eval_name(backend, mode)
 
-    def eval_cmd(self, backend: str, mode: str, out: Path, data: str = "test", static: str = "static") -> list[str]:
-        """`loraflow eval` of one mode on one set; mode static takes the weights of gate-{static}."""
+    def eval_cmd(self, backend: str, mode: str, out: Path, data: str = "test", static: str = "static",
+                 model: Path | None = None) -> list[str]:
+        """`loraflow eval` of one mode on one set; mode static takes the weights of gate-{static}; the
+        runtime runs on `model` (default: the Q4_1 GGUF)."""
         cmd = [bin_path("loraflow"), "eval", "--backend", backend, "--mode", mode,
                "--data", str(self.data_dir / f"{data}.jsonl"), "--extract", EXTRACT,
                "--max-tokens", str(MAX_TOKENS), "--threads", str(self.threads), "--show", "0", "-q", "-o", str(out)]
@@ -306,27 +342,34 @@ class Recipe:
             if mode == "dynamic":
                 cmd += ["--gate", str(self.work / "gate-dynamic" / "gate.safetensors")]
         else:
-            cmd += ["-m", str(self.gguf), "-f", str(self.flow)]
+            cmd += ["-m", str(model or self.gguf), "-f", str(self.flow)]
         return cmd
 
     @staticmethod
     def test_set(step: str) -> str:
-        """The problems evaluation step `step` (eval or heldout) runs on."""
-        return "test" if step == "eval" else "test_heldout"
+        """The problems evaluation step `step` (eval, heldout or f32) runs on."""
+        return "test_heldout" if step == "heldout" else "test"
+
+    def modes(self, step: str) -> list[str]:
+        return [m for _, m in self.METHODS] if step in ("eval", "f32") else list(self.HELDOUT_METHODS)
+
+    def method_jobs(self, step: str, mode: str) -> list[tuple[str, list]]:
+        """The evaluations of one method: (file name in the step's folder, eval_cmd args)."""
+        return [(self.eval_name(b, mode), [b, mode, self.test_set(step)]) for b in BACKENDS]
 
     def eval_jobs(self, step: str) -> list[tuple[str, list]]:
-        """The evaluations of step eval or heldout: (file name in the step's folder, eval_cmd args)."""
-        modes = [m for _, m in self.METHODS] if step == "eval" else self.HELDOUT_METHODS
-        data = self.test_set(step)
-        return [(self.eval_name(b, m), [b, m, data]) for b in BACKENDS for m in modes]
+        """The evaluations of step eval, heldout or f32 (eval's runtime ones), backend by backend."""
+        jobs = [j for m in self.modes(step) for j in self.method_jobs(step, m)]
+        jobs.sort(key=lambda job: BACKENDS.index(job[1][0]))
+        return [j for j in jobs if j[1][0] == "runtime"] if step == "f32" else jobs
 
-    def run_evals(self, step: str) -> None:
+    def run_evals(self, step: str, model: Path | None = None) -> None:
         folder = self.outputs(step)[0]
         tmp = Path(f"{folder}.tmp")
         tmp.mkdir(exist_ok=True)
         for name, (backend, mode, *rest) in self.eval_jobs(step):
             if not (tmp / name).exists():
-                run(self.eval_cmd(backend, mode, tmp / name, *rest), self.log)
+                run(self.eval_cmd(backend, mode, tmp / name, *rest, model=model), self.log)
         tmp.rename(folder)
 
     def step_eval(self):
@@ -334,6 +377,17 @@ class Recipe:
 
     def step_heldout(self):
         self.run_evals("heldout")
+
+    def step_f32(self):
+        # the F32 GGUF holds exactly the weights PyTorch runs (base-hf, dequantized from the Q4_1 GGUF);
+        # 4 times the Q4_1 file's size, so it is removed once the evaluations are done
+        if not self.f32_gguf.exists():
+            tmp = self.work / "base-f32.tmp.gguf"
+            run([bin_path("loraflow-convert"), "base", self.base_hf, "--outtype", "f32", "-o", str(tmp),
+                 "--force", "-q"], self.log)
+            tmp.rename(self.f32_gguf)
+        self.run_evals("f32", self.f32_gguf)
+        self.f32_gguf.unlink()
 
     def eval_seconds(self, step: str) -> float:
         folder = self.outputs(step)[0]
@@ -347,26 +401,49 @@ class Recipe:
         self.timings["gates"] = json.loads((self.work / "gate-dynamic" / "run.json").read_text())["timings"]["total_s"] + max(
             json.loads((self.work / f"gate-{s}-lr{lr}" / "run.json").read_text())["timings"]["total_s"]
             for s in self.STATIC for lr in STATIC_LRS)
-        for step in ("eval", "heldout"):
-            self.timings[step] = self.eval_seconds(step)
+        for step in ("eval", "heldout", "f32"):
+            if self.done(step):
+                self.timings[step] = self.eval_seconds(step)
+
+    def results_of(self, step: str, backend: str, mode: str) -> tuple[list[dict], list[dict]]:
+        """(the problems, the eval's results for them, in the same order)."""
+        folder = self.outputs(step)[0]
+        return (read_jsonl(self.data_dir / f"{self.test_set(step)}.jsonl"),
+                json.loads((folder / self.eval_name(backend, mode)).read_text())["results"])
+
+    def in_language(self, problem: dict, row: dict) -> bool:
+        return compose_data.is_spanish(row["prediction"])
+
+    def scores(self, problems: list[dict], rows: list[dict]) -> dict:
+        return score(rows, [self.in_language(p, r) for p, r in zip(problems, rows)])
+
+    def static_weights(self):
+        return json.loads((self.work / "gate-static" / "static.json").read_text())["weights"]
+
+    def report_keys(self):
+        """(key in results.json, step, backend, mode) of every evaluation; key: BACKEND/MODE on the
+        test set, BACKEND/MODE/heldout on held-out wordings, f32/MODE for step f32's runtime."""
+        for step, suffix in (("eval", ""), ("heldout", "/heldout"), ("f32", "")):
+            if step == "f32" and not self.done(step):
+                continue
+            for backend in BACKENDS if step != "f32" else ("runtime",):
+                for mode in self.modes(step):
+                    yield f"{'f32' if step == 'f32' else backend}/{mode}{suffix}", step, backend, mode
 
     def step_report(self):
-        test, heldout = (read_jsonl(self.data_dir / f"{s}.jsonl") for s in ("test", "test_heldout"))
-        results, by_op = {}, {}
-        for step, problems, methods in (("eval", test, self.METHODS),
-                                        ("heldout", heldout, [m for m in self.METHODS if m[1] in self.HELDOUT_METHODS])):
-            for backend in BACKENDS:
-                for label, mode in methods:
-                    rows = json.loads(self.eval_path(backend, mode, self.outputs(step)[0].name).read_text())["results"]
-                    key = f"{backend}/{mode}" + ("" if step == "eval" else "/heldout")
-                    results[key] = {"method": label, "backend": backend, "mode": mode,
-                                    **score(rows, [compose_data.is_spanish(r["prediction"]) for r in rows])}
-                    if backend == "torch" and mode in ("static", "dynamic"):
-                        by_op[key.removeprefix("torch/")] = by_operation(problems, rows)
+        results, by_op, rows_of = {}, {}, {}
+        for key, step, backend, mode in self.report_keys():
+            problems, rows = self.results_of(step, backend, mode)
+            assert [p["prompt"] for p in problems] == [r["prompt"] for r in rows], key
+            results[key], rows_of[key] = self.scores(problems, rows), rows
+            if backend == "torch" and mode in ("static", "dynamic"):
+                by_op[key.removeprefix("torch/")] = by_operation(problems, rows)
+        for key, rows in rows_of.items():
+            if not key.startswith("torch/"):
+                results[key]["vs_torch"] = paired(rows_of["torch/" + key.split("/", 1)[1]], rows)
         self.step_timings()
         record = {"seed": self.seed, "threads": self.threads, "results": results, "by_operation": by_op,
-                  "static_weights": json.loads((self.work / "gate-static" / "static.json").read_text())["weights"],
-                  "timings_s": self.timings}
+                  "static_weights": self.static_weights(), "timings_s": self.timings}
         (self.work / "results.json").write_text(json.dumps(record, indent=2) + "\n")
 
     # -- the tables ------------------------------------------------------------------------------
@@ -379,6 +456,36 @@ class Recipe:
             lines.append(f"| {label} | {percent(t['exact'])} | {percent(t['language'])} | {percent(t['both'])} | "
                          f"{percent(r['exact'])} | {percent(r['language'])} | {percent(r['both'])} | "
                          f"{100 * (r['exact'] - t['exact']):+.1f} |")
+        return lines
+
+    def backend_table(self, res: dict) -> list[str]:
+        """Problem by problem, the runtime against PyTorch on the same problems: the answers right in
+        one backend only and the answers whose text differs, in the Q4_1 runtime, and in the runtime
+        on the F32 GGUF (step f32, test set) when it ran."""
+        backends = [("runtime", "Q4_1")] + [("f32", "F32")] * any(k.startswith("f32/") for k in res)
+        lines = ["| method | problems | " + " | ".join(f"{name}: right only in PyTorch / only in the runtime | "
+                                                      f"{name}: answers differing in text" for _, name in backends) + " |",
+                 "|---|---:|" + "---:|---:|" * len(backends)]
+        rows = [(label, mode, "") for label, mode in self.METHODS] + \
+               [(f"{label}, held-out wordings", mode, "/heldout") for label, mode in self.METHODS if mode in self.HELDOUT_METHODS]
+        totals = {b: {"only_torch": 0, "only_runtime": 0, "text_differs": 0, "examples": 0} for b, _ in backends}
+        for label, mode, suffix in rows:
+            n = res[f"torch/{mode}{suffix}"]["examples"]
+            cells = [label, str(n)]
+            for b, _ in backends:
+                if f"{b}/{mode}{suffix}" not in res:         # f32 evaluates the test set only
+                    cells += ["-", "-"]
+                    continue
+                v = res[f"{b}/{mode}{suffix}"]["vs_torch"]
+                cells += [f"{v['only_torch']} / {v['only_runtime']}", str(v["text_differs"])]
+                totals[b] = {f: x + (n if f == "examples" else v[f]) for f, x in totals[b].items()}
+            lines.append("| " + " | ".join(cells) + " |")
+        for b, name in backends:
+            t = totals[b]
+            lines += ["", f"{name} runtime, all its rows together: {t['only_torch']} answers right only in PyTorch, "
+                      f"{t['only_runtime']} only in the runtime (two-sided sign test p = "
+                      f"{sign_test(t['only_torch'], t['only_runtime']):.2f}); {t['text_differs']} of {t['examples']} "
+                      "answers differ in text."]
         return lines
 
     def operation_table(self, by_op: dict, suffix: str = "") -> list[str]:
@@ -406,6 +513,7 @@ class Recipe:
         lines += ["", f"{n} test problems (seed {rec['seed']}); accuracies in %. Learned task-level static weights "
                   f"(lang, math): {', '.join(f'{x:.3f}' for x in w)}. LoRA-Flow minus the best static fusion "
                   f"({best_static}), PyTorch exact answer: {gap:+.1f} points."]
+        lines += ["", "The runtime against PyTorch, problem by problem:", "", *self.backend_table(res)]
         lines += ["", "By operation (PyTorch): exact answer / the right computation written (`a op b =`):", "",
                   *self.operation_table(rec["by_operation"])]
         held = [m for m in self.METHODS if m[1] in self.HELDOUT_METHODS]
@@ -468,6 +576,8 @@ def main(recipe_class=Recipe, doc=__doc__):
     for i, step in enumerate(steps):
         if i >= redo:
             recipe.clear(step)
+        if not recipe.wanted(step):
+            continue
         if recipe.done(step):
             print(f"[{step}] done before ({', '.join(str(p) for p in recipe.outputs(step))})")
             continue

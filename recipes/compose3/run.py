@@ -2,7 +2,7 @@
 SmolLM2-135M-Instruct, fused by one LoRA-Flow gate (k = 3) for arithmetic word problems written in
 Spanish or in French (half each, mixed), against the baselines, in PyTorch and in the runtime.
 
-    .venv/bin/python recipes/compose3/run.py [--work DIR] [--seed 0] [--docs]
+    .venv/bin/python recipes/compose3/run.py [--work DIR] [--seed 0] [--docs] [--compose-work DIR] [--f32-check]
 
 The steps are recipes/compose's (its Recipe, subclassed here), with:
     data      recipes/compose3/data.py: compose's language and math sets, French ones, mixed problems
@@ -14,6 +14,7 @@ The steps are recipes/compose's (its Recipe, subclassed here), with:
     eval      eight methods x two backends on the mixed test set; the per-language oracle static
               evaluates each language's half with that language's static weights
     heldout   static, oracle and LoRA-Flow on test_heldout (wordings no training set uses)
+    f32       with --f32-check only, as in compose: eval's runtime evaluations on an F32 GGUF of the base
     report    the tables, results.json; --docs writes them into docs/RESULTS.md (a compose3 section,
               added at the end if missing) and draws docs/compose3-gates.png and a trace of one
               Spanish and one French test problem
@@ -30,7 +31,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
 from recipes.compose import run as compose  # noqa: E402
-from recipes.compose.run import BACKENDS, by_operation, percent, read_jsonl, score  # noqa: E402
+from recipes.compose.run import BACKENDS, percent, read_jsonl  # noqa: E402
 from recipes.compose3 import data as compose3_data  # noqa: E402
 
 LANGUAGES = {"es": "Spanish", "fr": "French"}
@@ -50,53 +51,36 @@ class Recipe(compose.Recipe):
               "static-fr": ("gate_train_fr", "gate_dev_fr")}
     MARKERS = ("<!-- compose3:begin -->", "<!-- compose3:end -->")
 
-    def eval_jobs(self, step: str) -> list[tuple[str, list]]:
+    def method_jobs(self, step: str, mode: str) -> list[tuple[str, list]]:
+        if mode != "oracle":
+            return super().method_jobs(step, mode)
+        # each language's half with that language's static weights
         data = self.test_set(step)
-        modes = [m for _, m in self.METHODS] if step == "eval" else self.HELDOUT_METHODS
-        jobs = []
-        for backend in BACKENDS:
-            for mode in modes:
-                if mode == "oracle":       # each language's half with that language's static weights
-                    jobs += [(f"{backend}-oracle-{code}.json", [backend, "static", f"{data}_{code}", f"static-{code}"])
-                             for code in LANGUAGES]
-                else:
-                    jobs.append((self.eval_name(backend, mode), [backend, mode, data]))
-        return jobs
+        return [(f"{backend}-oracle-{code}.json", [backend, "static", f"{data}_{code}", f"static-{code}"])
+                for backend in BACKENDS for code in LANGUAGES]
 
     def results_of(self, step: str, backend: str, mode: str) -> tuple[list[dict], list[dict]]:
-        """(the problems, the eval's results for them, in the same order)."""
-        folder = self.outputs(step)[0]
-        data = self.test_set(step)
         if mode != "oracle":
-            return (read_jsonl(self.data_dir / f"{data}.jsonl"),
-                    json.loads((folder / self.eval_name(backend, mode)).read_text())["results"])
+            return super().results_of(step, backend, mode)
+        folder, data = self.outputs(step)[0], self.test_set(step)
         problems, results = [], []
         for code in LANGUAGES:
             problems += read_jsonl(self.data_dir / f"{data}_{code}.jsonl")
             results += json.loads((folder / f"{backend}-oracle-{code}.json").read_text())["results"]
         return problems, results
 
-    def step_report(self):
-        results, by_op = {}, {}
-        for step, suffix, modes in (("eval", "", [m for _, m in self.METHODS]), ("heldout", "/heldout", self.HELDOUT_METHODS)):
-            for backend in BACKENDS:
-                for mode in modes:
-                    problems, rows = self.results_of(step, backend, mode)
-                    assert [p["prompt"] for p in problems] == [r["prompt"] for r in rows], (step, backend, mode)
-                    key = f"{backend}/{mode}{suffix}"
-                    results[key] = score(rows, [compose3_data.language_of(r["prediction"]) == p["lang"]
-                                                for p, r in zip(problems, rows)])
-                    for code in LANGUAGES:       # each language's problems apart
-                        mine = [(p, r) for p, r in zip(problems, rows) if p["lang"] == code]
-                        results[key][code] = score([r for _, r in mine], [compose3_data.language_of(r["prediction"]) == code
-                                                                          for _, r in mine])
-                    if backend == "torch" and mode in ("static", "dynamic"):
-                        by_op[f"{mode}{suffix}"] = by_operation(problems, rows)
-        self.step_timings()
-        statics = {s: json.loads((self.work / f"gate-{s}" / "static.json").read_text())["weights"] for s in self.STATIC}
-        record = {"seed": self.seed, "threads": self.threads, "results": results, "by_operation": by_op,
-                  "static_weights": statics, "timings_s": self.timings}
-        (self.work / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    def in_language(self, problem: dict, row: dict) -> bool:
+        return compose3_data.language_of(row["prediction"]) == problem["lang"]
+
+    def scores(self, problems: list[dict], rows: list[dict]) -> dict:
+        out = super().scores(problems, rows)
+        for code in LANGUAGES:       # each language's problems apart
+            mine = [i for i, p in enumerate(problems) if p["lang"] == code]
+            out[code] = super().scores([problems[i] for i in mine], [rows[i] for i in mine])
+        return out
+
+    def static_weights(self) -> dict:
+        return {s: json.loads((self.work / f"gate-{s}" / "static.json").read_text())["weights"] for s in self.STATIC}
 
     def table(self) -> str:
         rec = json.loads((self.work / "results.json").read_text())
@@ -114,6 +98,7 @@ class Recipe(compose.Recipe):
                   f"per-language oracle static {100 * (t['dynamic']['exact'] - t['oracle']['exact']):+.1f} (target >= 0); "
                   f"LoRA-Flow in-language {percent(t['dynamic']['language'])}% (target 95); the runtime within "
                   f"{100 * worst:.1f} points of PyTorch for every method (target 2).", "",
+                  "The runtime against PyTorch, problem by problem:", "", *self.backend_table(res), "",
                   "By the problem's language (PyTorch): exact answer / in-language:", "",
                   "| method | Spanish exact | Spanish in Spanish | French exact | French in French |",
                   "|---|---:|---:|---:|---:|"]
