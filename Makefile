@@ -25,14 +25,15 @@ test: install
 demo: install
 	$(VENV)/bin/loraflow demo
 
-# the compose recipe end to end (about an hour on 2 cores; see docs/RESULTS.md)
+# the compose recipe end to end (about 1.5 hours on 2 cores; see docs/RESULTS.md). --f32-check:
+# the runtime's evaluations again on an F32 GGUF of the base, to tell its own errors from Q4_1's
 compose: install
-	$(PY) recipes/compose/run.py --docs
+	$(PY) recipes/compose/run.py --docs --f32-check
 
-# three LoRAs at once (Spanish, French, math), about 1.5 hours on 2 cores. compose and compose3 share
+# three LoRAs at once (Spanish, French, math), about 2 hours on 2 cores. compose and compose3 share
 # the Spanish and the math LoRA: whichever runs second copies them from the other's work folder
 compose3: install
-	$(PY) recipes/compose3/run.py --docs
+	$(PY) recipes/compose3/run.py --docs --f32-check
 
 # the flow-file readers under atheris (coverage-guided), FUZZ_SECONDS long (tests/fuzz/fuzz_flow_file.py)
 FUZZ_SECONDS ?= 600
