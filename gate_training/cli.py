@@ -123,7 +123,8 @@ def train_gate_cmd(base, adapters, data, dev, out_dir, fusion, per_layer, epochs
 @click.option("--threads", "-t", type=int, default=None, help="CPU threads (torch or llama.cpp)")
 @click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True, help="runtime")
 @click.option("--batch-size", type=int, default=1, show_default=True,
-              help="torch: prompts decoded together (left-padded; faster on CPU, may flip near-tie tokens)")
+              help="prompts decoded together (torch: left-padded; runtime: one sequence each on the batch "
+                   "engine); faster, may flip near-tie tokens")
 @click.option("--extract", default="last-number", show_default=True, help=EXTRACT_HELP)
 @click.option("--max-tokens", "-n", type=int, default=64, show_default=True, help="most tokens generated per example")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="results JSON file")

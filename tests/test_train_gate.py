@@ -159,7 +159,8 @@ def test_gate_switches_between_kinds_of_token(task_setup):
 
 def test_runtime_gives_the_torch_answers(task_setup, tmp_path):
     """Gate trained here -> convert_flow -> FlowLlama on the F32 GGUF: the same greedy tokens as
-    the PyTorch model for >= 98% of the examples, dynamic and static."""
+    the PyTorch model for >= 98% of the examples, dynamic and static; with --batch-size 4 the
+    runtime's answers of one problem at a time."""
     from fixtures import convert_tiny_base
 
     from loraflow.converter.flow import convert_flow
@@ -175,11 +176,16 @@ def test_runtime_gives_the_torch_answers(task_setup, tmp_path):
         out = {}
         for backend, args in (("torch", ["--base", s["model"], *s["adapter_args"]]
                                + (["--gate", s["runs"]["dynamic"]] if mode == "dynamic" else [])),
-                              ("runtime", ["-m", gguf, "-f", flow_file])):
-            path = tmp_path / f"{mode}-{backend}.json"
+                              ("runtime", ["-m", gguf, "-f", flow_file]),
+                              ("runtime", ["-m", gguf, "-f", flow_file, "--batch-size", "4"])):
+            name = backend if "--batch-size" not in args else "runtime-batched"
+            path = tmp_path / f"{mode}-{name}.json"
             run_cli("eval", "--backend", backend, "--mode", mode, *extra, *args, *common, "-o", path)
-            out[backend] = json.loads(path.read_text())
+            out[name] = json.loads(path.read_text())
         t, r = out["torch"], out["runtime"]
+        # four problems at a time on the batch engine: the one-at-a-time answers, token for token
+        assert [x["tokens"] for x in out["runtime-batched"]["results"]] == [x["tokens"] for x in r["results"]]
+        assert out["runtime-batched"]["batch_size"] == 4
         same = np.mean([x["tokens"] == y["tokens"] for x, y in zip(t["results"], r["results"])])
         assert [x["prompt_tokens"] for x in t["results"]] == [x["prompt_tokens"] for x in r["results"]]
         report[mode] = (t["accuracy"], r["accuracy"], same)
