@@ -147,6 +147,10 @@ def test_console_script_bad_data_no_traceback(models, tmp_path):
     r = CliRunner().invoke(main, ["eval", "--data", str(empty), "--backend", "torch", "--base", str(models["plain"]),
                                   "--adapter", f"a={models['lora_plain'][0]}", "--mode", "single:a"])
     assert r.exit_code == 1 and "no examples" in r.output
+    good = write_lines(tmp_path / "good.jsonl", ['{"prompt": "a", "response": "b"}'])
+    r = CliRunner().invoke(main, ["eval", "--data", str(good), "--backend", "runtime", "-f", "flow.gguf",
+                                  "--batch-size", "0"])
+    assert r.exit_code == 1 and "error: batch-size must be at least 1" in r.output and "Traceback" not in r.output
 
 
 def test_out_dir_needs_force(models, tmp_path):
