@@ -29,8 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-MAX_TOKENS = 40
-EXTRACT = r"regex:=\s*(-?\d+)"
+from recipes.compose.run import EXTRACT, MAX_TOKENS, bin_path  # noqa: E402  (as make compose evaluates)
+
 STATIC_WEIGHTS = "-0.194,1.409"       # compose's learned task-level static weights (docs/RESULTS.md)
 
 
@@ -65,7 +65,7 @@ def main() -> int:
                     # batch after a one-at-a-time run was measured 3x slower (the first run's OpenMP
                     # threads spin next to the engine thread's)
                     out = Path(tmp) / f"{mode}-{b}-{r}.json"
-                    subprocess.run([str(Path(sys.executable).parent / "loraflow"), "eval", "--backend", "runtime",
+                    subprocess.run([bin_path("loraflow"), "eval", "--backend", "runtime",
                                     "--mode", mode, "--data", str(data), "--extract", EXTRACT,
                                     "--max-tokens", str(MAX_TOKENS), "-f", str(flow), "--threads", str(args.threads),
                                     "--batch-size", str(b), "--show", "0", "-q", "-o", str(out),

@@ -82,12 +82,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def score(results: list[dict], in_language: list[bool]) -> dict:
-    """Exact answer (EXTRACT's rule re-applied), answer in the problem's language, and both."""
+def exact_answers(results: list[dict]) -> list[bool]:
+    """Whether each answer is exactly right (EXTRACT's rule re-applied to the prediction)."""
     from loraflow.gate_training.evaluate import make_extractor
 
     extract = make_extractor(EXTRACT)
-    exact = [extract(r["prediction"]) == r["reference"] for r in results]
+    return [extract(r["prediction"]) == r["reference"] for r in results]
+
+
+def score(results: list[dict], in_language: list[bool]) -> dict:
+    """Exact answer, answer in the problem's language, and both."""
+    exact = exact_answers(results)
     n = len(results)
     return {"examples": n, "exact": sum(exact) / n, "language": sum(in_language) / n,
             "both": sum(e and s for e, s in zip(exact, in_language)) / n}
@@ -95,9 +100,6 @@ def score(results: list[dict], in_language: list[bool]) -> dict:
 
 def by_operation(problems: list[dict], results: list[dict]) -> dict:
     """Per operation: exact answer, and whether the right computation "a op b =" was written."""
-    from loraflow.gate_training.evaluate import make_extractor
-
-    extract = make_extractor(EXTRACT)
     asked = [COMPUTATION.search(p["response"]).groups() for p in problems]
     out = {}
     for op, _ in OPERATIONS:
@@ -105,7 +107,7 @@ def by_operation(problems: list[dict], results: list[dict]) -> dict:
         written = [COMPUTATION.search(r["prediction"]) for _, r in mine]
         n = len(mine) or None                  # None: no problem of that operation (a tiny test set)
         out[op] = {"examples": len(mine),
-                   "exact": n and sum(extract(r["prediction"]) == r["reference"] for _, r in mine) / n,
+                   "exact": n and sum(exact_answers([r for _, r in mine])) / n,
                    "computation": n and sum(w is not None and w.groups() == a for (a, _), w in zip(mine, written)) / n}
     return out
 
@@ -113,11 +115,7 @@ def by_operation(problems: list[dict], results: list[dict]) -> dict:
 def paired(torch_rows: list[dict], runtime_rows: list[dict]) -> dict:
     """Problem by problem, one backend against the other: the answers right in PyTorch only, right
     in the runtime only, and the answers whose text differs at all."""
-    from loraflow.gate_training.evaluate import make_extractor
-
-    extract = make_extractor(EXTRACT)
-    right = [(extract(t["prediction"]) == t["reference"], extract(r["prediction"]) == r["reference"])
-             for t, r in zip(torch_rows, runtime_rows, strict=True)]
+    right = list(zip(exact_answers(torch_rows), exact_answers(runtime_rows), strict=True))
     return {"only_torch": sum(t and not r for t, r in right), "only_runtime": sum(r and not t for t, r in right),
             "text_differs": sum(t["prediction"] != r["prediction"] for t, r in zip(torch_rows, runtime_rows))}
 
@@ -478,7 +476,9 @@ class Recipe:
                     continue
                 v = res[f"{b}/{mode}{suffix}"]["vs_torch"]
                 cells += [f"{v['only_torch']} / {v['only_runtime']}", str(v["text_differs"])]
-                totals[b] = {f: x + (n if f == "examples" else v[f]) for f, x in totals[b].items()}
+                for field in ("only_torch", "only_runtime", "text_differs"):
+                    totals[b][field] += v[field]
+                totals[b]["examples"] += n
             lines.append("| " + " | ".join(cells) + " |")
         for b, name in backends:
             t = totals[b]
