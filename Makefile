@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml runtime/native/build.py runtime/native/llama-flow.patch $(wildcard runtime/native/src/*)
+$(VENV)/.installed: pyproject.toml runtime/native/build.py runtime/native/patches/*.patch $(wildcard runtime/native/src/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# the CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build

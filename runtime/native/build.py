@@ -5,11 +5,12 @@
     python runtime/native/build.py --llama-server    # stock llama-server from the same source (benchmarks.serve)
 
 Downloads the pinned llama-cpp-python source distribution from the package index,
-copies our sources (runtime/native/src) into its vendored llama.cpp, applies
-runtime/native/llama-flow.patch, builds a wheel and installs it into the running
-interpreter. The wheel is cached under $LORAFLOW_CACHE/native (default
-~/.cache/loraflow) keyed by the version, our sources, the patch and CMAKE_ARGS, so
-a rebuild with nothing changed costs seconds. CMAKE_ARGS passes through untouched
+copies our sources (runtime/native/src) into its vendored llama.cpp, applies the patch
+series runtime/native/patches/*.patch in sorted order (each one change, its header says
+what and why), builds a wheel and installs it into the running interpreter. The wheel is
+cached under $LORAFLOW_CACHE/native (default ~/.cache/loraflow) keyed by the version, our
+sources, the patches (names, order and text) and CMAKE_ARGS, so a rebuild with nothing
+changed costs seconds. CMAKE_ARGS passes through untouched
 (e.g. CMAKE_ARGS="-DGGML_CUDA=on" for CUDA, Metal is on by default on macOS).
 
 Offline (a machine with no package index, as runtime/native/cuda_check.sh runs on):
@@ -31,7 +32,7 @@ from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 HERE = Path(__file__).resolve().parent
-PATCH = HERE / "llama-flow.patch"
+PATCHES = HERE / "patches"  # the series, applied in sorted order: 0001-*.patch, 0002-*.patch, ...
 OUR_SOURCES = {  # our file -> where it goes inside vendor/llama.cpp
     HERE / "src" / "llama-flow.h": "include/llama-flow.h",
     HERE / "src" / "llama-flow-impl.h": "src/llama-flow-impl.h",
@@ -57,9 +58,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow")) / "native"
 
 
+def patch_series() -> list[Path]:
+    """The patches, in the order they apply."""
+    series = sorted(PATCHES.glob("*.patch"))
+    if not series:
+        raise SystemExit(f"loraflow: no patches in {PATCHES}")
+    return series
+
+
 def build_key(user_cmake_args: str) -> str:
     h = hashlib.sha256(LLAMA_CPP_PYTHON_VERSION.encode())
-    for path in [PATCH, *sorted(OUR_SOURCES)]:
+    for path in [*patch_series(), *sorted(OUR_SOURCES)]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     h.update(cmake_args_key(user_cmake_args).encode())
@@ -116,7 +125,8 @@ def prepare_source(root: Path, sdist: Path, patched: bool = True) -> Path:
         return top
     for ours, dest in OUR_SOURCES.items():
         shutil.copyfile(ours, llama_dir / dest)
-    run(["patch", "-p1", "--batch", "--forward", "-i", str(PATCH)], cwd=llama_dir)
+    for patch in patch_series():
+        run(["patch", "-p1", "--batch", "--forward", "-i", str(patch)], cwd=llama_dir)
     return top
 
 
