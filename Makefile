@@ -28,18 +28,18 @@ demo: install
 # the compose recipe end to end (about 1.5 hours on 2 cores; see docs/RESULTS.md). --f32-check:
 # the runtime's evaluations again on an F32 GGUF of the base, to tell its own errors from Q4_1's
 compose: install
-	$(PY) recipes/compose/run.py --docs --f32-check
+	$(PY) -m recipes.compose.run --docs --f32-check
 
 # three LoRAs at once (Spanish, French, math), about 2 hours on 2 cores. compose and compose3 share
 # the Spanish and the math LoRA: whichever runs second copies them from the other's work folder
 compose3: install
-	$(PY) recipes/compose3/run.py --docs --f32-check
+	$(PY) -m recipes.compose3.run --docs --f32-check
 
 # the flow-file readers under atheris (coverage-guided), FUZZ_SECONDS long (tests/fuzz/fuzz_flow_file.py)
 FUZZ_SECONDS ?= 600
 fuzz: install
 	$(PIP) install -q -e '.[fuzz]'
-	$(PY) tests/fuzz/fuzz_flow_file.py -max_total_time=$(FUZZ_SECONDS)
+	PYTHONPATH=tests $(PY) tests/fuzz/fuzz_flow_file.py -max_total_time=$(FUZZ_SECONDS)
 
 # llama.cpp's own offline ctest suite, released vs patched source (slow: two builds; not part of `make test`)
 upstream-tests:
@@ -66,7 +66,7 @@ test-vulkan: install install-vulkan
 
 # does LoRA-Flow run these Hugging Face model_types exactly? make check-arch ARCH="starcoder2 cohere"
 check-arch: install
-	$(PY) tests/check_arch.py $(ARCH)
+	PYTHONPATH=tests $(PY) tests/check_arch.py $(ARCH)
 
 clean-native:
 	rm -rf $${LORAFLOW_CACHE:-$$HOME/.cache/loraflow}/native

@@ -145,7 +145,7 @@ def time_llama(llm, reps: int, long_state: str | None = None, long_n: int = 0) -
 
     def fresh(prompt=()):
         llm.reset()
-        llm._ctx.kv_cache_clear()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
         if prompt:
             llm.eval(list(prompt))
 
@@ -249,7 +249,9 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int, gpu_l
         import llama_cpp
 
         # fail loudly rather than time the wrong library
-        patched = hasattr(llama_cpp.llama_cpp._lib, "llama_flow_adapter_init")
+        from loraflow.runtime.llama_api import library
+
+        patched = hasattr(library(), "llama_flow_adapter_init")
         if patched != (config == "stock_static_patched"):
             raise SystemExit(f"{config}: loaded {llama_cpp.__file__}, which is {'' if patched else 'not '}patched")
 

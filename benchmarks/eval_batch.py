@@ -26,10 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from recipes.compose.data import EXTRACT, MAX_TOKENS  # as make compose evaluates
 
-from recipes.compose.run import EXTRACT, MAX_TOKENS, bin_path  # noqa: E402  (as make compose evaluates)
+REPO = Path(__file__).resolve().parent.parent
 
 STATIC_WEIGHTS = "-0.194,1.409"       # compose's learned task-level static weights (docs/RESULTS.md)
 
@@ -65,11 +64,11 @@ def main() -> int:
                     # batch after a one-at-a-time run was measured 3x slower (the first run's OpenMP
                     # threads spin next to the engine thread's)
                     out = Path(tmp) / f"{mode}-{b}-{r}.json"
-                    subprocess.run([bin_path("loraflow"), "eval", "--backend", "runtime",
+                    subprocess.run([str(Path(sys.executable).parent / "loraflow"), "eval", "--backend", "runtime",
                                     "--mode", mode, "--data", str(data), "--extract", EXTRACT,
                                     "--max-tokens", str(MAX_TOKENS), "-f", str(flow), "--threads", str(args.threads),
                                     "--batch-size", str(b), "--show", "0", "-q", "-o", str(out),
-                                    *(["--static-weights", STATIC_WEIGHTS] if mode == "static" else [])],
+                                    *(["--weights", STATIC_WEIGHTS] if mode == "static" else [])],
                                    check=True, stdout=subprocess.DEVNULL)
                     rep = json.loads(out.read_text())
                     runs[mode, b].append(rep)

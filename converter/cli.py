@@ -24,14 +24,27 @@ def _parse_adapter(ctx, param, values):
     return pairs
 
 
+def _set_verbose(ctx, param, verbose):
+    if verbose:
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger().setLevel(logging.INFO)
+
+
+# before or after the subcommand: `loraflow-convert -v flow ...` and `loraflow-convert flow ... -v`
+_verbose = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbose,
+                        help="Show the converter's progress messages.")
+
+
 @click.group(cls=ErrorExitGroup)
-@click.option("-v", "--verbose", is_flag=True, help="Show the converter's progress messages.")
-def main(verbose):
+@_verbose
+@click.version_option(package_name="loraflow")
+def main():
     """Convert adapters and base models to GGUF for the LoRA-Flow runtime."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
 
 @main.command()
+@_verbose
 @click.option("--base", required=True, type=click.Path(exists=True),
               help="The base model: its GGUF file or its Hugging Face folder.")
 @click.option("--adapter", "adapters", multiple=True, required=True, callback=_parse_adapter,
@@ -53,6 +66,7 @@ def flow(base, adapters, gate, output, outtype, temperature, force):
 
 
 @main.command()
+@_verbose
 @click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(), help="The GGUF to write.")
 @click.option("--outtype", type=click.Choice(BASE_OUTTYPES), default="f16", show_default=True,
@@ -69,6 +83,7 @@ def base(hf_dir, output, outtype, force, quiet):
 
 
 @main.command()
+@_verbose
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(file, as_json):
@@ -82,6 +97,7 @@ def inspect(file, as_json):
 
 
 @main.command("export-lora")
+@_verbose
 @click.argument("flow_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--adapter", required=True, metavar="NAME", help="The adapter to export (a name in the flow file).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="The LoRA GGUF to write.")

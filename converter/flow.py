@@ -73,9 +73,16 @@ def convert_flow(base, adapters, gate, out, outtype: str = DEFAULT_OUTTYPE, temp
             for l in range(info.n_layer):
                 writer.add_tensor(schema.TENSOR_GATE_WEIGHT.format(bid=l), gate_ckpt.weights[l])
                 writer.add_tensor(schema.TENSOR_GATE_BIAS.format(bid=l), gate_ckpt.biases[l])
+            as_f16 = []                  # Q8_0 asked for, rows not whole blocks: F16, as llama.cpp does
             for (l, module), (a, b) in pairs.items():
-                _add_lora_tensor(writer, schema.TENSOR_FLOW_A.format(bid=l, module=module), a, qtype)
-                _add_lora_tensor(writer, schema.TENSOR_FLOW_B.format(bid=l, module=module), b, qtype)
+                for template, data in ((schema.TENSOR_FLOW_A, a), (schema.TENSOR_FLOW_B, b)):
+                    name = template.format(bid=l, module=module)
+                    if not _add_lora_tensor(writer, name, data, qtype):
+                        as_f16.append(name)
+            if as_f16:
+                logger.warning("%d of %d LoRA tensors have rows of a length that is not a multiple of %d "
+                               "(e.g. %s, rank %d): written as F16 instead of Q8_0", len(as_f16), 2 * len(pairs),
+                               gguf.GGML_QUANT_SIZES[qtype][0], as_f16[0], sum(x.r for x in loras))
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -203,14 +210,14 @@ def _add_metadata(w: gguf.GGUFWriter, info: BaseInfo, loras: list[PeftAdapter], 
     w.add_string(schema.KEY_GATE_INPUT, schema.GATE_INPUT)
 
 
-def _add_lora_tensor(w: gguf.GGUFWriter, name: str, data: np.ndarray, qtype) -> None:
+def _add_lora_tensor(w: gguf.GGUFWriter, name: str, data: np.ndarray, qtype) -> bool:
+    """Add one LoRA tensor in `qtype`; False when Q8_0 rows do not fill whole blocks and it went
+    in as F16 instead (as llama.cpp's converters do)."""
     if qtype == gguf.GGMLQuantizationType.Q8_0:
-        block = gguf.GGML_QUANT_SIZES[qtype][0]
-        if data.shape[-1] % block == 0:
+        if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-            return
-        # as llama.cpp's converters do: rows that do not fill whole blocks stay F16
-        logger.warning("%s: row length %d is not a multiple of %d, writing F16 instead of Q8_0",
-                    name, data.shape[-1], block)
-        qtype = gguf.GGMLQuantizationType.F16
+            return True
+        w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16))
+        return False
     w.add_tensor(name, gguf.quants.quantize(data, qtype))
+    return True

@@ -14,6 +14,7 @@ transformers, so this does too (the `train` extra).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -41,15 +42,28 @@ def _llama_cpp_converter():
         raise ConversionError("this reads the model through llama.cpp's own converter, which needs torch and "
                               "transformers: pip install torch==2.13.0 'loraflow[train]' (the CPU build of torch "
                               "first)") from None
-    src = str(llama_cpp_source_dir())
-    if src not in sys.path:
-        sys.path.insert(0, src)
+    src = llama_cpp_source_dir()
     # the converters log every tensor, and a config without model_type, which ours may be
     logging.getLogger("hf-to-gguf").setLevel(logging.ERROR)
-    import conversion
-    import convert_lora_to_gguf
+    conversion = _import_file("conversion", src / "conversion" / "__init__.py", package=True)
+    return conversion, _import_file("convert_lora_to_gguf", src / "convert_lora_to_gguf.py")
 
-    return conversion, convert_lora_to_gguf
+
+def _import_file(name: str, path, package: bool = False):
+    """Import llama.cpp's module `name` from its source file (it is not an installed package;
+    convert_lora_to_gguf imports `conversion` by that name, so it goes into sys.modules)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=[str(Path(path).parent)] if package else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def hf_architecture(hparams: dict, path) -> str:

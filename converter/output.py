@@ -56,7 +56,7 @@ def atomic_output(out, force: bool) -> Iterator[Path]:
             _check_complete(out, tmp)
             if out.exists() and not force:  # appeared while we worked
                 raise ConversionError(f"{out} already exists; pass --force to overwrite it")
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it an ordinary file's mode
+            ordinary_mode(tmp)  # mkstemp made it private
             os.replace(tmp, out)
     except OSError as e:  # a full disk, a file size limit, a folder we may not write
         # numpy's tofile reports a short write without an errno
@@ -79,7 +79,8 @@ def _check_complete(out: Path, tmp: Path) -> None:
         raise ConversionError(f"{out}: not written: the file came out incomplete ({e}); is the disk full?") from None
 
 
-def _umask() -> int:
+def ordinary_mode(path) -> None:
+    """Give `path` the mode a new file gets here (0666 less the umask), as every output should have."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~mask)

@@ -186,7 +186,8 @@ def format_summary(d: dict) -> str:
     lines = [f"{d['file']}  ({_size(d['file_size'])}, GGUF v{d['gguf_version']})"]
     if kind == "lora_flow":
         lines += [f"LoRA-Flow file v{d['format_version']}: arch {d['arch']}, {d['n_layer']} layers, "
-                  f"n_embd {d['n_embd']}, k = {d['k']} adapters, R = {d['R']}, {d['lora_pairs']} LoRA pairs",
+                  f"n_embd {d['n_embd']}, k = {d['k']} adapters, "
+                  f"R = {d['R']} (the ranks summed: rows of each module's A), {d['lora_pairs']} LoRA pairs",
                   f"gate: temperature {d['temperature']:g}, input {d['gate_input']}", "", "adapters:"]
         for a in d["adapters"]:
             rs = " (rsLoRA: alpha/sqrt(r))" if a["rslora"] else ""

@@ -83,6 +83,8 @@ def train_gate_cmd(base, adapters, data, dev, out_dir, fusion, per_layer, epochs
 
     if dev_metric == "accuracy":
         make_extractor(extract)
+    if quiet:
+        _quiet_transformers()
     cfg = TrainConfig(fusion=fusion, per_layer=per_layer, epochs=epochs, lr=lr, weight_decay=weight_decay,
                       warmup=warmup, grad_clip=grad_clip, batch_size=batch_size, temperature=temperature,
                       init_adapter=init_adapter, seed=seed, dtype=dtype, device=device, threads=threads,
@@ -104,13 +106,25 @@ def train_gate_cmd(base, adapters, data, dev, out_dir, fusion, per_layer, epochs
         click.echo(f"wrote {out_dir.rstrip('/')}/{name}")
 
 
+def _quiet_transformers() -> None:
+    """-q: no loading bars from transformers and huggingface_hub either."""
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 @click.command("eval")
 @click.option("--data", required=True, type=click.Path(), help="test examples, jsonl (rows as for train-gate)")
 @click.option("--backend", type=click.Choice(["torch", "runtime"]), default="runtime", show_default=True)
-@click.option("--mode", default="dynamic", show_default=True,
-              help="fusion mode: dynamic, static (with --static-weights), average, single:<name>, off")
-@click.option("--static-weights", default=None,
-              help="static weights: a static.json from train-gate, or 'w1,...,wk' (per layer: rows split by ';')")
+@click.option("--mode", default=None, help="fusion mode: dynamic, static (with --weights), average, single:<name>, "
+                                          "off  [default: static when --weights is given, else dynamic]")
+@click.option("--weights", "--static-weights", "static_weights", default=None,
+              help="static weights: a static.json from train-gate, or 'w1,...,wk' (per layer: rows split by ';'); "
+                   "--static-weights is its old name")
 @click.option("--base", type=click.Path(exists=True), default=None, help="torch: HF folder or GGUF file")
 @_adapter_option(required=False)
 @click.option("--gate", type=click.Path(exists=True), default=None, help="torch, mode dynamic: gate.safetensors (or its folder)")
@@ -135,6 +149,8 @@ def eval_cmd(data, backend, mode, static_weights, base, adapters, gate, dtype, d
     """Greedy-decode every example of DATA under one fusion mode, extract the answers, report accuracy."""
     from loraflow.gate_training.evaluate import run_eval
 
+    if quiet:
+        _quiet_transformers()
     run_eval(data, backend, mode, extract, max_tokens, output=output, static_weights=static_weights, base=base,
              adapters=adapters, gate=gate, dtype=dtype, device=device, model_gguf=model_gguf, flow_gguf=flow_gguf,
              threads=threads, n_gpu_layers=n_gpu_layers, show=show, progress=not quiet, log=click.echo,

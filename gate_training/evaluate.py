@@ -132,7 +132,7 @@ def count_correct_torch(flow, tokenizer, examples, rule: str, max_tokens: int) -
 
 def runtime_prompt_tokens(llm, row) -> list[int]:
     """The prompt as data.encode_prompt builds it, from the GGUF's own tokenizer and chat template."""
-    from loraflow.runtime.interactive import chat_prompt_tokens, has_chat_template
+    from loraflow.runtime.prompts import chat_prompt_tokens, has_chat_template
 
     if has_chat_template(llm):
         return chat_prompt_tokens(llm, row.messages)
@@ -144,21 +144,18 @@ def runtime_prompt_tokens(llm, row) -> list[int]:
 
 def generate_runtime(llm, prompts: list[list[int]], max_tokens: int, progress: bool = False):
     """Greedy continuations in the runtime (stop token excluded)."""
-    import llama_cpp
     from tqdm.auto import tqdm
 
-    vocab = llm._model.vocab
     outs = []
     for ids in tqdm(prompts, disable=not progress, unit="ex", desc="generate"):
         if len(ids) + max_tokens > llm.n_ctx():
             raise LoraFlowError(f"a prompt of {len(ids)} tokens + {max_tokens} new ones does not fit the "
                                 f"context of {llm.n_ctx()}")
-        llm.reset()
-        llm._ctx.kv_cache_clear()
+        llm.clear_kv()
         new = []
         if max_tokens > 0:
             for t in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
-                if llama_cpp.llama_vocab_is_eog(vocab, t):
+                if llm.is_eog(t):
                     break
                 new.append(int(t))
                 if len(new) >= max_tokens:
@@ -167,19 +164,20 @@ def generate_runtime(llm, prompts: list[list[int]], max_tokens: int, progress: b
     return outs
 
 
-def generate_runtime_batched(llm, prompts: list[list[int]], max_tokens: int, mode: str, weights,
-                             batch_size: int, progress: bool = False):
+def generate_runtime_batched(llm, prompts: list[list[int]], max_tokens: int, batch_size: int,
+                             progress: bool = False):
     """Greedy continuations, batch_size prompts decoded together on the batch engine, every sequence
-    in `mode`: generate_runtime's answers, but for near-tie tokens that a batch's other order of
+    in llm's mode: generate_runtime's answers, but for near-tie tokens that a batch's other order of
     sums can flip."""
     from tqdm.auto import tqdm
 
-    from loraflow.runtime.batch_engine import BatchEngine, Sampling
+    from loraflow.runtime.batch_engine import BatchEngine
+    from loraflow.runtime.sampling import Sampling
 
     batch_size = min(batch_size, len(prompts))
     engine = BatchEngine(llm, n_parallel=batch_size, n_ctx=batch_size * llm.n_ctx())
     try:
-        requests = [engine.submit(ids, mode=mode, weights=weights, max_tokens=max_tokens,
+        requests = [engine.submit(ids, llm.mode, max_tokens=max_tokens,
                                   sampling=Sampling(temperature=0.0)) for ids in prompts]
         return [r.result().tokens for r in tqdm(requests, disable=not progress, unit="ex", desc="generate")]
     finally:
@@ -200,7 +198,7 @@ def score(rows, prompts, gens, texts, rule: str) -> list[dict]:
     return results
 
 
-def format_table(results: list[dict], show: int = 20, width: int = 40) -> str:
+def format_table(results: list[dict], show: int = 20, width: int = 40, has_output: bool = True) -> str:
     def cut(s, n):
         s = "" if s is None else str(s).replace("\n", "\\n")
         return s if len(s) <= n else s[: n - 1] + "…"
@@ -210,27 +208,11 @@ def format_table(results: list[dict], show: int = 20, width: int = 40) -> str:
         lines.append(f"{r['line']:>6}  {'yes' if r['correct'] else 'no':3}  {cut(r['reference'], 16):<16}  "
                      f"{cut(r['extracted'], 16):<16}  {cut(r['prediction'], width)}")
     if len(results) > show:
-        lines.append(f"   ... {len(results) - show} more in the JSON file")
+        lines.append(f"   ... {len(results) - show} more{' in the JSON file' if has_output else ' (-o FILE writes them all)'}")
     n = len(results)
     c = sum(r["correct"] for r in results)
     lines.append(f"accuracy: {c}/{n} = {c / n:.4f}")
     return "\n".join(lines)
-
-
-def load_static_weights(value):
-    """--static-weights: a static.json written by train-gate, or numbers 'w1,...,wk' (rows split by ';')."""
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        try:
-            obj = json.loads(path.read_text())
-            return obj["weights"] if isinstance(obj, dict) else obj
-        except (json.JSONDecodeError, KeyError):
-            raise LoraFlowError(f"{path}: expected a static.json from train-gate ({{\"weights\": [...]}})") from None
-    from loraflow.runtime.interactive import parse_weights
-
-    return parse_weights(value)
 
 
 def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, output=None,
@@ -238,6 +220,7 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
              model_gguf=None, flow_gguf=None, threads=None, n_gpu_layers: int = 0, show: int = 20,
              progress: bool = True, log=print, batch_size: int = 1) -> dict:
     from loraflow.gate_training.data import file_sha256, read_rows
+    from loraflow.modes import mode_name, parse_weights
 
     make_extractor(extract)                      # a bad rule fails before any model loads
     if max_tokens < 1:
@@ -245,7 +228,8 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
     if batch_size < 1:
         raise LoraFlowError("batch-size must be at least 1")
     rows = read_rows(data)
-    weights = load_static_weights(static_weights)
+    weights = parse_weights(static_weights)      # a typo fails before any model loads
+    mode = mode_name(mode, weights)
     t0 = time.time()
     if backend == "torch":
         from loraflow.gate_training import load
@@ -266,27 +250,26 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
             if gate is None:
                 raise LoraFlowError("mode dynamic needs the gate: --gate OUT_DIR/gate.safetensors")
             flow.load_gate(gate)
-        flow.set_mode(mode, weights)
+        flow.set_mode(flow.resolve_mode(mode, weights))
         gens = generate_torch(flow, tokenizer, prompts, max_tokens, progress, batch_size)
         texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
     elif backend == "runtime":
-        from loraflow.runtime.cli import open_llm
+        from loraflow.runtime.loading import open_llm
 
         if flow_gguf is None:
             raise LoraFlowError("--backend runtime needs the flow file: -f FLOW.gguf (and -m BASE.gguf)")
         if base or adapters or gate:
             raise LoraFlowError("--base/--adapter/--gate are for --backend torch; the runtime takes -m/-f")
-        import numpy as np
-
-        llm = open_llm(model_gguf, flow_gguf, "off", None, threads, n_gpu_layers, 512, False)
+        opts = dict(threads=threads, n_gpu_layers=n_gpu_layers)
+        llm = open_llm(model_gguf, flow_gguf, "off", n_ctx=512, **opts)
         try:
+            mode_ = llm.resolve_mode(mode, weights)  # a bad mode fails before the evaluation starts
             prompts = [runtime_prompt_tokens(llm, r) for r in rows]
             n_ctx = max(len(p) for p in prompts) + max_tokens
             llm.close()
-            llm = open_llm(model_gguf, flow_gguf, "off", None, threads, n_gpu_layers, n_ctx, False)
-            llm.set_mode(mode, None if weights is None else np.asarray(weights, dtype=np.float32))
+            llm = open_llm(model_gguf, flow_gguf, mode_, n_ctx=n_ctx, **opts)
             gens = (generate_runtime(llm, prompts, max_tokens, progress) if batch_size == 1 else
-                    generate_runtime_batched(llm, prompts, max_tokens, mode, weights, batch_size, progress))
+                    generate_runtime_batched(llm, prompts, max_tokens, batch_size, progress))
             texts = [llm.detokenize(g).decode("utf-8", errors="replace") for g in gens]
         finally:
             llm.close()
@@ -296,7 +279,7 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
     results = score(rows, prompts, gens, texts, extract)
     correct = sum(r["correct"] for r in results)
     report = {
-        "backend": backend, "mode": mode, "static_weights": weights, "extract": extract, "max_tokens": max_tokens,
+        "backend": backend, "mode": mode, "static_weights": None if weights is None else weights.values.tolist(), "extract": extract, "max_tokens": max_tokens,
         "batch_size": batch_size,
         "data": {"path": str(data), "sha256": file_sha256(data)},
         "model": {"base": str(base), "adapters": [{"name": n, "path": str(p)} for n, p in adapters],
@@ -305,7 +288,7 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
         "examples": len(results), "correct": correct, "accuracy": correct / len(results),
         "seconds": round(seconds, 3), "results": results,
     }
-    log(format_table(results, show))
+    log(format_table(results, show, has_output=output is not None))
     if output is not None:
         out = Path(output)
         if out.parent and not out.parent.exists():

@@ -25,7 +25,7 @@ from torch import nn
 from loraflow import schema
 from loraflow.converter.gates import initial_bias, load_paper_tensors
 from loraflow.errors import FormatError, LoraFlowError
-from loraflow.modes import resolve_mode
+from loraflow.modes import Mode
 from loraflow.peft_io import PeftAdapter
 
 
@@ -198,9 +198,9 @@ class FlowModel(nn.Module):
             x = args[0] if args else kwargs["hidden_states"]      # residual stream entering layer l
             if self._probe is not None:                            # measure_input_scales
                 self._probe[l].append(x.detach().float().pow(2).mean(-1).sqrt()[self._probe_mask.to(x.device)])
-            if self.mode == "off":
+            if self.mode.kind == "off":
                 w = None
-            elif self.mode == "dynamic":
+            elif self.mode.kind == "dynamic":
                 w = self.gates[l](x, self.temperature).to(x.dtype)   # [batch, seq, k]
             else:
                 s = self._static                                   # [n_layer, k], or [k] for every layer
@@ -212,12 +212,17 @@ class FlowModel(nn.Module):
 
     # -- modes ---------------------------------------------------------------------------------
 
-    def set_mode(self, mode: str, weights=None) -> None:
-        """dynamic (the gates) | static (weights [k] or [n_layer, k]) | average | single:<name> | off."""
-        resolved = resolve_mode(mode, self.names, self.n_layer, weights)
-        static = None if resolved.weights is None else torch.from_numpy(resolved.weights.copy())
+    def resolve_mode(self, mode, weights=None) -> Mode:
+        """The Mode `mode` (a name) with `weights` means for these adapters (loraflow.modes)."""
+        return Mode.resolve(mode, weights, names=self.names, n_layer=self.n_layer)
+
+    def set_mode(self, mode: Mode | str, weights=None) -> None:
+        """A Mode, or dynamic (the gates) | static (weights [k] or [n_layer, k]) | average |
+        single:<name> | off."""
+        if not isinstance(mode, Mode):
+            mode = self.resolve_mode(mode, weights)
         self.mode = mode
-        self._static = static
+        self._static = None if mode.weights is None else torch.from_numpy(mode.weights.copy())
 
     def learn_static(self, per_layer: bool = False) -> nn.Parameter:
         """Static mode with trainable weights: one weight per adapter ([k], shared by every layer)
@@ -225,7 +230,7 @@ class FlowModel(nn.Module):
         fusion baseline). They start where the gates start (W = 0): softmax(0) + b = 1/k + b."""
         start = torch.stack([g.bias.detach().float() + 1.0 / self.k for g in self.gates])   # [n_layer, k]
         weights = nn.Parameter((start if per_layer else start.mean(0)).clone())
-        self.mode = "static"
+        self.mode = Mode("static", "static", None)   # the weights are the parameter, not the Mode's
         # a plain attribute, not a registered parameter: set_mode puts a plain tensor here again
         object.__setattr__(self, "_static", weights)
         return weights
@@ -294,10 +299,13 @@ class FlowModel(nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / schema.GATE_CKPT_FILE
+        from loraflow.converter.output import ordinary_mode
+
         save_file(self.gate_state_dict(), str(path), metadata={
             schema.GATE_CKPT_META_ADAPTERS: json.dumps(self.names),
             schema.GATE_CKPT_META_TEMPERATURE: repr(self.temperature),
         })
+        ordinary_mode(path)                      # safetensors writes it 0600, unlike every other output
         return path
 
     def load_gate(self, path) -> None:

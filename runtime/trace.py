@@ -39,11 +39,14 @@ class Trace:
         return int(self.weights.shape[1])
 
     def to_csv(self, path) -> None:
-        """One row per (token, layer): position, token, layer, then one column per adapter."""
+        """One row per (token, layer): position, token (newlines as \\n, backslashes doubled), layer,
+        then one column per adapter."""
         with open(path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["position", "token", "layer", *self.names])
             for pos, text in enumerate(self.texts):
+                # one line per row for line-based tools: a token's newline is written as \n
+                text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
                 for il in range(self.n_layer):
                     w.writerow([pos, text, il, *(f"{float(x):.9g}" for x in self.weights[pos, il])])
 
@@ -62,13 +65,11 @@ def trace(llm, prompt: str, max_tokens: int = 32, chat: Optional[bool] = None, s
           seed: Optional[int] = None) -> Trace:
     """Generate a continuation of `prompt` with `llm` (a FlowLlama) and return the fusion
     weights of every token of prompt + continuation. Greedy unless temperature > 0."""
-    import llama_cpp
-
-    from loraflow.runtime.interactive import chat_prompt_tokens, has_chat_template, messages_for
+    from loraflow.runtime.prompts import chat_prompt_tokens, has_chat_template, messages_for
 
     if llm.flow is None:
         raise LoraFlowError("trace needs a flow adapter (FlowLlama(..., flow_path=...))")
-    if llm.mode == "off":
+    if llm.mode.kind == "off":
         raise LoraFlowError("mode 'off' fuses nothing: trace a mode with weights (dynamic, static, ...)")
     if chat is None:
         chat = has_chat_template(llm)
@@ -83,7 +84,7 @@ def trace(llm, prompt: str, max_tokens: int = 32, chat: Optional[bool] = None, s
         raise LoraFlowError(f"prompt ({len(prompt_tokens)} tokens) + {max_tokens} new tokens exceed the context "
                             f"({n_ctx}); use a larger --ctx")
 
-    was_recording = llm._record
+    was_recording = llm.recording
     llm.record_gates(False)
     generated: List[int] = []
     if seed is not None:
@@ -91,7 +92,7 @@ def trace(llm, prompt: str, max_tokens: int = 32, chat: Optional[bool] = None, s
     if max_tokens > 0:
         for tok in llm.generate(prompt_tokens, temp=temperature, top_p=top_p, top_k=top_k,
                                 repeat_penalty=repeat_penalty, reset=True):
-            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
+            if llm.is_eog(tok):
                 break
             generated.append(int(tok))
             if len(generated) >= max_tokens:
@@ -99,8 +100,7 @@ def trace(llm, prompt: str, max_tokens: int = 32, chat: Optional[bool] = None, s
     tokens = [int(t) for t in prompt_tokens] + generated
 
     # evaluate everything once more from an empty cache, recording every token's weights
-    llm.reset()
-    llm._ctx.kv_cache_clear()
+    llm.clear_kv()
     llm.clear_gate_log()
     llm.record_gates(True)
     try:
@@ -113,7 +113,7 @@ def trace(llm, prompt: str, max_tokens: int = 32, chat: Optional[bool] = None, s
         raise LoraFlowError(f"recorded {weights.shape[0]} gate rows for {len(tokens)} tokens")
     texts = [llm.detokenize([t], prev_tokens=tokens[:i], special=True).decode("utf-8", errors="replace")
              for i, t in enumerate(tokens)]
-    return Trace(tokens, texts, weights, llm.adapter_names, n_prompt=len(prompt_tokens), mode=llm.mode)
+    return Trace(tokens, texts, weights, llm.adapter_names, n_prompt=len(prompt_tokens), mode=llm.mode.name)
 
 
 def _label(text: str) -> str:

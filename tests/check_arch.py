@@ -1,6 +1,6 @@
 """Does LoRA-Flow run a Hugging Face architecture exactly? One command per model_type:
 
-    .venv/bin/python tests/check_arch.py starcoder2 [more model_types ...]
+    PYTHONPATH=tests .venv/bin/python tests/check_arch.py starcoder2 [more model_types ...]
     make check-arch ARCH="starcoder2 cohere"
 
 For each model_type: a tiny random model built by transformers (hidden 64, 2 layers unless
@@ -23,12 +23,10 @@ import tempfile
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixtures import TinyModels
+from parity_setup import TOL, arch_loras, build_flow, rel_err, runtime_token_by_token, torch_logits
 
-from fixtures import TinyModels  # noqa: E402
-from parity_setup import TOL, arch_loras, build_flow, rel_err, runtime_token_by_token, torch_logits  # noqa: E402
-
-from loraflow.errors import LoraFlowError  # noqa: E402
+from loraflow.errors import LoraFlowError
 
 
 def check(models: TinyModels, model_type: str, work: Path, tokenizer: str) -> tuple[str, str]:

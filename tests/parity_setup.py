@@ -82,8 +82,10 @@ def torch_logits(model, tokens):
 
 
 def runtime_token_by_token(llm, tokens):
+    from loraflow.runtime.llama_api import clear_kv
+
     llm.reset()
-    llm._ctx.kv_cache_clear()
+    clear_kv(llm.ctx)
     for t in tokens:
         llm.eval([t])
     return np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
@@ -153,7 +155,7 @@ def tolerances(setup) -> dict[str, float]:
             stock = llama_cpp.Llama(str(setup["base"]), **RUNTIME)
             try:
                 if scales:
-                    set_stock_loras(stock._model.model, stock._ctx.ctx, llm.flow, scales)
+                    set_stock_loras(stock.model, stock.ctx, llm.flow, scales)
                 stock.eval(tokens)
                 errs[label] = (rel_err(np.array(stock.scores[: len(tokens)], dtype=np.float32), ref),
                                rel_err(runtime_token_by_token(stock, tokens), ref))
@@ -178,10 +180,10 @@ class MultiSeqContext:
         import ctypes
 
         import llama_cpp
-        from llama_cpp import _internals
 
         from loraflow.runtime import _bindings as B
         from loraflow.runtime.flow_llama import set_native_mode
+        from loraflow.runtime.llama_api import Batch, Context
 
         self.B, self.llm, self.flow = B, llm, flow
         params = llama_cpp.llama_context_default_params()
@@ -191,32 +193,30 @@ class MultiSeqContext:
         # room for each sequence, and batches longer than a ubatch (llama.cpp splits them)
         params.n_ctx = max(params.n_ctx, 128 * n_seq)
         params.n_batch = max(params.n_batch, 512)
-        self.ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.ctx = Context(llm.model, params)
         if flow:
-            assert B.llama_flow_set_adapter(self.ctx.ctx, llm.flow.ptr, None, 0) == 0
-            set_native_mode(self.ctx.ctx, llm.flow, llm.mode, llm._static_weights if llm.mode == "static" else None)
-            B.llama_flow_set_record(self.ctx.ctx, True)
-        self.batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=n_seq, verbose=False)
+            assert B.llama_flow_set_adapter(self.ctx.ptr, llm.flow.ptr, None, 0) == 0
+            set_native_mode(self.ctx.ptr, llm.mode)
+            B.llama_flow_set_record(self.ctx.ptr, True)
+        self.batch = Batch(512, n_seq)
 
     def set_seq_mode(self, seq_id: int, mode: str, weights=None) -> None:
         from loraflow.runtime.flow_llama import set_native_mode
 
-        set_native_mode(self.ctx.ctx, self.llm.flow, mode, weights, seq_id=seq_id)
+        set_native_mode(self.ctx.ptr, self.llm.resolve_mode(mode, weights), seq_id=seq_id)
 
     def decode(self, seqs):
         """Decode the token lists `seqs` (sequence i gets seq_id i, positions from 0) in ONE batch;
         return per sequence its logits and the gate rows recorded in batch order."""
-        self.batch.reset()
-        for i, tokens in enumerate(seqs):
-            self.batch.add_sequence(tokens, i, True)
-        self.ctx.decode(self.batch)
+        self.batch.set([(t, j, i, True) for i, tokens in enumerate(seqs) for j, t in enumerate(tokens)])
+        assert self.ctx.decode(self.batch) == 0
         n_vocab = self.llm.n_vocab()
         total = sum(map(len, seqs))
-        logits = np.array([np.ctypeslib.as_array(self.ctx.get_logits_ith(i), shape=(n_vocab,)) for i in range(total)])
+        logits = np.array([self.ctx.logits(i, n_vocab) for i in range(total)])
         from loraflow.runtime.flow_llama import recorded_gates
 
-        recorded = self.flow and self.B.llama_flow_n_recorded(self.ctx.ctx)
-        gates = recorded_gates(self.ctx.ctx, self.llm.flow) if recorded else None
+        recorded = self.flow and self.B.llama_flow_n_recorded(self.ctx.ptr)
+        gates = recorded_gates(self.ctx.ptr, self.llm.flow) if recorded else None
         bounds = np.cumsum([0] + [len(s) for s in seqs])
         return [logits[a:b] for a, b in zip(bounds, bounds[1:])], gates
 
@@ -224,14 +224,14 @@ class MultiSeqContext:
         """Each of `seqs` decoded alone (the cache cleared in between): their logits."""
         out = []
         for tokens in seqs:
-            self.ctx.kv_cache_clear()
+            self.ctx.clear_kv()
             out.append(self.decode([tokens])[0][0])
-        self.ctx.kv_cache_clear()
+        self.ctx.clear_kv()
         return out
 
     def close(self):
         if self.flow:
-            self.B.llama_flow_set_adapter(self.ctx.ctx, None, None, 0)
+            self.B.llama_flow_set_adapter(self.ctx.ptr, None, None, 0)
         self.ctx.close()
         self.batch.close()
 
@@ -250,7 +250,7 @@ def batch_tolerance(llm, seqs, scales=None) -> float:
         return BATCH_TOL
     stock = MultiSeqContext(llm, len(seqs), flow=False)
     try:
-        set_stock_loras(llm._model.model, stock.ctx.ctx, llm.flow, scales or [1.0] * len(llm.flow.names))
+        set_stock_loras(llm.model, stock.ctx.ptr, llm.flow, scales or [1.0] * len(llm.flow.names))
         batched = stock.decode(seqs)[0]
         each = stock.decode_each(seqs)
     finally:

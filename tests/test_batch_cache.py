@@ -122,8 +122,7 @@ def test_kv_cache_reuse_across_calls(setup):
     p2 = p1 + " and then it runs into the forest"
     n1, n2 = len(llm.tokenize(p1.encode())), len(llm.tokenize(p2.encode()))
 
-    llm.reset()
-    llm._ctx.kv_cache_clear()
+    llm.clear_kv()
     llm.create_completion(p1, max_tokens=6, temperature=0.0)
     llm.clear_gate_log()
     reused = llm.create_completion(p2, max_tokens=6, temperature=0.0)
@@ -165,37 +164,33 @@ def test_context_shift(setup, mode):
     """Shifting the cached positions (what a context shift does to the kept tokens) with the flow
     adapter set: continuing after a shift by D matches evaluating at positions D.. directly,
     as closely as it does for the base model alone."""
-    from llama_cpp import _internals
+    import llama_cpp
+
+    from loraflow.runtime.llama_api import Batch, Context
 
     llm = setup["llm"]
     llm.set_mode(mode)
     toks, nxt = setup["prompts"][0], llm.tokenize(b" again and again", add_bos=False)
     D, n_vocab = 37, llm.n_vocab()
-    batch = _internals.LlamaBatch(n_tokens=64, embd=0, n_seq_max=1, verbose=False)
+    ctx, batch = Context.borrow(llm.ctx), Batch(64)
 
     def last_logits():
-        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(len(nxt) - 1), shape=(n_vocab,)).copy()
+        return ctx.logits(len(nxt) - 1, n_vocab).copy()
 
     try:
-        llm.reset()
-        llm._ctx.kv_cache_clear()
-        batch.set_batch(toks, 0, True)
-        llm._ctx.decode(batch)
-        llm._ctx.kv_cache_seq_shift(0, 0, -1, D)
-        batch.set_batch(nxt, len(toks) + D, True)
-        llm._ctx.decode(batch)
+        llm.clear_kv()
+        assert ctx.decode(batch.set_tokens(toks, 0)) == 0
+        llama_cpp.llama_memory_seq_add(ctx.memory(), 0, 0, -1, D)
+        assert ctx.decode(batch.set_tokens(nxt, len(toks) + D)) == 0
         shifted = last_logits()
 
-        llm._ctx.kv_cache_clear()
-        batch.set_batch(toks, D, True)
-        llm._ctx.decode(batch)
-        batch.set_batch(nxt, len(toks) + D, True)
-        llm._ctx.decode(batch)
+        ctx.clear_kv()
+        assert ctx.decode(batch.set_tokens(toks, D)) == 0
+        assert ctx.decode(batch.set_tokens(nxt, len(toks) + D)) == 0
         direct = last_logits()
     finally:
         batch.close()
-        llm._ctx.kv_cache_clear()
-        llm.reset()
+        llm.clear_kv()
         llm.set_mode("dynamic")
     assert np.all(np.isfinite(shifted))
     assert rel_err(shifted, direct) < 1e-3  # RoPE applied in two steps vs one: float rounding only

@@ -15,6 +15,7 @@ pytest.importorskip("torch")
 
 from tiny_flow import NAMES, build_tiny_flow  # noqa: E402
 
+from loraflow.modes import ModeError  # noqa: E402
 from loraflow.runtime.batch_engine import BatchEngine, RequestError, Sampling  # noqa: E402
 
 GREEDY = Sampling(temperature=0.0)
@@ -38,12 +39,10 @@ def setup(tiny_models, tmp_path_factory):
 
 def solo(llm, tokens, mode, weights, n):
     """The request alone: FlowLlama's greedy completion in that mode, as token ids."""
-    import llama_cpp
-
     llm.set_mode(mode, weights)
     out = []
     for token in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
-        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+        if llm.is_eog(token):
             break
         out.append(token)
         if len(out) == n:
@@ -154,11 +153,11 @@ def test_requests_that_cannot_run_are_refused(setup):
         with pytest.raises(RequestError, match="a sequence holds 32") as e:
             engine.submit(list(range(10, 50)))
         assert e.value.param == "prompt"
-        for mode, weights, param in (("nonsense", None, "flow_mode"), ("static", [1.0], "flow_weights"),
-                                     ("static", [float("nan"), 1.0], "flow_weights"), ("single:nope", None, "flow_mode")):
-            with pytest.raises(RequestError) as e:
+        for mode, weights, field in (("nonsense", None, "mode"), ("static", [1.0], "weights"),
+                                     ("static", [float("nan"), 1.0], "weights"), ("single:nope", None, "mode")):
+            with pytest.raises(ModeError) as e:
                 engine.submit(prompts[0], mode, weights, max_tokens=2)
-            assert e.value.param == param, (mode, weights, str(e.value))
+            assert e.value.field == field, (mode, weights, str(e.value))
         with pytest.raises(RequestError, match="token ids must be in"):
             engine.submit([10**9])
         assert engine.submit(prompts[1], max_tokens=3, sampling=GREEDY).result(timeout=60).tokens

@@ -4,6 +4,7 @@ files: a tiny llama model and a tiny two-LoRA flow file), checked against FlowLl
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,8 @@ def test_generate_raw_and_modes(setup):
 
 def test_generate_streams_token_by_token(setup):
     """Each token's text reaches the output (and is flushed) as soon as it is sampled."""
-    from loraflow.runtime.interactive import Sampling, stream_generate
+    from loraflow.runtime.interactive import stream_generate
+    from loraflow.runtime.sampling import Sampling
 
     class Recorder(io.StringIO):
         def __init__(self):
@@ -79,7 +81,7 @@ def test_generate_streams_token_by_token(setup):
     llm = setup["llm"]
     llm.set_mode("dynamic")
     out = Recorder()
-    text = stream_generate(llm, "Once upon a time", Sampling(max_tokens=10, temperature=0.0), chat=False, out=out)
+    text = stream_generate(llm, "Once upon a time", Sampling(temperature=0.0), 10, chat=False, out=out)
     assert out.getvalue() == text
     # one flush per token, each showing more text than the last
     assert len(out.flushed) >= 5
@@ -161,3 +163,51 @@ def test_chat_drops_old_turns_when_the_context_is_full(setup):
     assert r.exit_code == 0, r.output
     assert "[context full: dropped the oldest" in r.stdout
     assert "[error" not in r.stdout
+
+
+def test_one_way_to_give_weights(setup, tmp_path):
+    """--weights alone means static (as HTTP's flow_weights alone), a static.json works wherever
+    numbers do, its adapter names are checked, and a mistyped path is "no such file"."""
+    args = ["generate", "-m", setup["base"], "-f", setup["flow"], "-p", "Hi", "--raw", "-n", "6", *GREEDY]
+    numbers = run(args + ["--mode", "static", "--weights", "0.25,0.75"])
+    alone = run(args + ["--weights", "0.25,0.75"])
+    static_json = tmp_path / "static.json"
+    static_json.write_text(json.dumps({"adapters": NAMES, "weights": [0.25, 0.75]}))
+    from_file = run(args + ["--weights", str(static_json)])
+    assert numbers.exit_code == alone.exit_code == from_file.exit_code == 0, numbers.output + alone.output
+    assert numbers.stdout.strip() and numbers.stdout == alone.stdout == from_file.stdout
+    swapped = tmp_path / "swapped.json"
+    swapped.write_text(json.dumps({"adapters": NAMES[::-1], "weights": [0.25, 0.75]}))
+    r = run(args + ["--weights", str(swapped)])
+    assert r.exit_code == 1 and f"the weights are for adapters [{NAMES[1]}, {NAMES[0]}]" in r.stderr
+    r = run(args + ["--weights", str(tmp_path / "statc.json")])
+    assert r.exit_code == 1 and "no such static weights file" in r.stderr
+    r = run(args + ["--mode", "dynamic", "--weights", "0.5,0.5"])
+    assert r.exit_code == 1 and "mode 'dynamic' takes no weights" in r.stderr
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_conversation(setup):
+    """Ctrl-C while an answer streams ends that answer, not the chat: the partial answer stays in
+    the history and the next turn is answered (as llama.cpp's chat does)."""
+    from loraflow.runtime.interactive import ChatSession
+    from loraflow.runtime.sampling import Sampling
+
+    llm = setup["llm"]
+    llm.set_mode("dynamic")
+
+    class Interrupting(io.StringIO):
+        pieces = 0
+
+        def write(self, text):
+            if self.pieces == 2:
+                self.pieces += 1
+                raise KeyboardInterrupt
+            self.pieces += bool(text.strip())
+            return super().write(text)
+
+    session = ChatSession(llm, Sampling(temperature=0.0), max_tokens=12)
+    out = Interrupting()
+    assert session.handle("hello", out)
+    assert "[stopped]" in out.getvalue() and len(session.history) == 2 and session.history[1]["content"]
+    out2 = io.StringIO()
+    assert session.handle("and then?", out2) and len(session.history) == 4 and out2.getvalue().strip()

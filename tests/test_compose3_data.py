@@ -5,17 +5,13 @@ them on, French that reads right, and the language metric."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_compose_data import wordings_of
 
-from test_compose_data import wordings_of  # noqa: E402
-
-from recipes.compose import data as compose  # noqa: E402
-from recipes.compose3 import data as c3  # noqa: E402
+from recipes.compose import data as compose
+from recipes.compose3 import data as c3
 
 MIXED = ("gate_train", "gate_dev", "test", "test_heldout")
 TRAINING = ("gate_train", "gate_dev", "math_train")

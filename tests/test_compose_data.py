@@ -8,14 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from recipes.compose import data as compose  # noqa: E402
+from recipes.compose import data as compose
 
 
 @pytest.fixture(scope="module")

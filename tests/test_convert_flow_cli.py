@@ -411,3 +411,27 @@ def test_broken_flow_files_refused(llama, round_trip, tmp_path):
     # the unmodified copy reads fine: the cases above fail for their own reason only
     res = CliRunner().invoke(cli, ["inspect", str(rewrite_flow(good, tmp_path / "copy.gguf"))])
     assert res.exit_code == 0, res.output
+
+
+def test_one_line_for_the_f16_fallback_and_v_anywhere(llama, round_trip, tmp_path):
+    """Q8_0 rows that do not fill whole blocks go in as F16, said in one line, not one per
+    tensor; -v works after the subcommand as before it; --version answers."""
+    import subprocess
+    import sys
+
+    d, R, adapters, gate = round_trip
+    exe = [sys.executable, "-c", "from loraflow.converter.cli import main; main()"]
+    args = ["flow", "--base", str(llama.gguf), "--gate", str(gate), *sum((["--adapter", f"{n}={p}"] for n, p in adapters), [])]
+    quiet = subprocess.run(exe + args + ["-o", str(tmp_path / "a.gguf")], capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr
+    lines = [line for line in quiet.stderr.splitlines() if "F16" in line]
+    if R % 32:                                   # B's rows are R long
+        assert len(lines) == 1 and "written as F16 instead of Q8_0" in lines[0], quiet.stderr
+    else:
+        assert lines == [], quiet.stderr
+    for verbose in (["-v"] + args, args + ["-v"]):
+        out = tmp_path / f"v{len(verbose)}-{verbose.index('-v')}.gguf"
+        res = subprocess.run(exe + verbose + ["-o", str(out)], capture_output=True, text=True)
+        assert res.returncode == 0 and f"wrote {out}" in res.stderr, res.stderr
+    version = subprocess.run(exe + ["--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and "version" in version.stdout

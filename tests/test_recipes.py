@@ -15,24 +15,23 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from recipes.compose import data as compose_data  # noqa: E402
-from recipes.compose import run as compose_run  # noqa: E402
-from recipes.compose import train_lora  # noqa: E402
-from recipes.compose3 import data as compose3_data  # noqa: E402
-from recipes.compose3 import run as compose3_run  # noqa: E402
+from recipes.compose import data as compose_data
+from recipes.compose import run as compose_run
+from recipes.compose import train_lora
+from recipes.compose3 import data as compose3_data
+from recipes.compose3 import run as compose3_run
 
 
 def run_here(cmd: list[str], log) -> None:
-    """compose_run.run, in this process: the CLIs through click, train_lora.py as a function."""
+    """compose_run.run, in this process: the CLIs through click, train_lora as a function."""
     from loraflow.cli import main as loraflow_main
     from loraflow.converter.cli import main as convert_main
 
-    if cmd[1].endswith("train_lora.py"):
-        opts = dict(zip(cmd[2::2], cmd[3::2]))
+    if cmd[1:3] == ["-m", "recipes.compose.train_lora"]:
+        opts = dict(zip(cmd[3::2], cmd[4::2]))
         train_lora.train_lora(opts["--base"], opts["--data"], opts["--out"], seed=int(opts["--seed"]), threads=1)
         return
     cli = {"loraflow": loraflow_main, "loraflow-convert": convert_main}[Path(cmd[0]).name]

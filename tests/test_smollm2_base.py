@@ -81,6 +81,7 @@ RUNTIME = dict(n_ctx=256, n_batch=256, n_ubatch=256, n_threads=2, logits_all=Tru
 def greedy_continuation(model_path, flow_path, prompt_text, n):
     """The runtime's own greedy decoding, token by token: n tokens after the prompt."""
     from loraflow.runtime import FlowLlama
+    from loraflow.runtime.llama_api import Context
 
     llm = FlowLlama(str(model_path), flow_path=str(flow_path), mode="dynamic", n_ctx=256, n_batch=32,
                     n_ubatch=32, n_threads=2, verbose=False)
@@ -88,7 +89,7 @@ def greedy_continuation(model_path, flow_path, prompt_text, n):
     llm.eval(prompt)
     out = []
     for _ in range(n):
-        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+        logits = Context.borrow(llm.ctx).logits(-1, llm.n_vocab())
         out.append(int(np.argmax(logits)))
         llm.eval([out[-1]])
     llm.close()

@@ -34,41 +34,39 @@ def rss_bytes() -> int:
 def generate_with_shift(llm, prompt: list[int], n_tokens: int, seed: int = 0):
     """Sample n_tokens after `prompt` one at a time on llm's context, shifting it when full.
     Returns (tokens, number of shifts, [(tokens so far, RSS)], whether every logit was finite)."""
-    from llama_cpp import _internals
+    import llama_cpp
 
-    ctx, n_vocab = llm._ctx, llm.n_vocab()
+    from loraflow.runtime.llama_api import Batch, Context
+
+    ctx, n_vocab = Context.borrow(llm.ctx), llm.n_vocab()
     rng = np.random.default_rng(seed)
-    batch = _internals.LlamaBatch(n_tokens=len(prompt), embd=0, n_seq_max=1, verbose=False)
+    batch = Batch(len(prompt))
     out, rss, shifts, finite = [], [], 0, True
     try:
-        llm.reset()
-        ctx.kv_cache_clear()
-        batch.set_batch(prompt, 0, True)
-        ctx.decode(batch)
+        llm.clear_kv()
+        assert ctx.decode(batch.set_tokens(prompt, 0)) == 0
         n_past = len(prompt)
         last = len(prompt) - 1
         for i in range(n_tokens):
-            logits = np.ctypeslib.as_array(ctx.get_logits_ith(last), shape=(n_vocab,))
+            logits = ctx.logits(last, n_vocab)
             finite &= bool(np.isfinite(logits).all())
             p = np.exp((logits - logits.max()) / 0.8)
             token = int(rng.choice(n_vocab, p=p / p.sum()))
             out.append(token)
             if n_past >= N_CTX:  # full: keep N_KEEP, drop half of the rest, slide the remainder down
                 n_discard = (n_past - N_KEEP) // 2
-                ctx.kv_cache_seq_rm(0, N_KEEP, N_KEEP + n_discard)
-                ctx.kv_cache_seq_shift(0, N_KEEP + n_discard, n_past, -n_discard)
+                llama_cpp.llama_memory_seq_rm(ctx.memory(), 0, N_KEEP, N_KEEP + n_discard)
+                llama_cpp.llama_memory_seq_add(ctx.memory(), 0, N_KEEP + n_discard, n_past, -n_discard)
                 n_past -= n_discard
                 shifts += 1
-            batch.set_batch([token], n_past, True)
-            ctx.decode(batch)
+            assert ctx.decode(batch.set_tokens([token], n_past)) == 0
             n_past += 1
             last = 0
             if (i + 1) % 250 == 0:
                 rss.append((i + 1, rss_bytes()))
     finally:
         batch.close()
-        ctx.kv_cache_clear()
-        llm.reset()
+        llm.clear_kv()
     return out, shifts, rss, finite
 
 

@@ -101,7 +101,7 @@ def test_trace_python_api(setup):
     assert "".join(t.texts[t.n_prompt:]) == llm.create_completion(
         "The weather today", max_tokens=5, temperature=0.0)["choices"][0]["text"]
     # the recording state and the gate log are left as they were
-    assert not llm._record and llm.gate_weights().shape[0] == 0
+    assert not llm.recording and llm.gate_weights().shape[0] == 0
 
 
 def test_trace_static_mode_and_picture(setup, tmp_path):

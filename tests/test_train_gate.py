@@ -170,7 +170,7 @@ def test_runtime_gives_the_torch_answers(task_setup, tmp_path):
     flow_file = convert_flow(gguf, [(n, s["loras"][n]) for n in ("first", "second")],
                              s["runs"]["dynamic"] / "gate.safetensors", tmp_path / "flow.gguf", outtype="f32")
     common = ["--data", s["files"]["test"], "--extract", "exact", "--max-tokens", LENGTH, "-q", "--threads", "1"]
-    cases = {"dynamic": [], "static": ["--static-weights", s["runs"]["static-per-layer"] / "static.json"]}
+    cases = {"dynamic": [], "static": ["--weights", s["runs"]["static-per-layer"] / "static.json"]}
     report = {}
     for mode, extra in cases.items():
         out = {}

@@ -19,13 +19,13 @@ def gate_means(model_gguf, flow_gguf, data, results: list[dict], groups: dict[st
     from loraflow.errors import LoraFlowError
     from loraflow.gate_training.data import read_rows
     from loraflow.gate_training.evaluate import runtime_prompt_tokens
-    from loraflow.runtime.cli import open_llm
+    from loraflow.runtime.loading import open_llm
 
     rows = read_rows(data)
     if len(rows) != len(results):
         raise LoraFlowError(f"{data}: {len(rows)} rows, but the evaluation has {len(results)} results")
     groups = groups or {"all": list(range(len(rows)))}
-    llm = open_llm(model_gguf, flow_gguf, "dynamic", None, threads, 0, 512, False)
+    llm = open_llm(model_gguf, flow_gguf, "dynamic", threads=threads, n_ctx=512)
     try:
         per_row = {}
         for i in sorted({i for idx in groups.values() for i in idx}):
@@ -35,8 +35,7 @@ def gate_means(model_gguf, flow_gguf, data, results: list[dict], groups: dict[st
                                     f"{results[i]['prompt_tokens']} in the evaluation")
             if not answer:
                 continue
-            llm.reset()
-            llm._ctx.kv_cache_clear()
+            llm.clear_kv()
             llm.clear_gate_log()
             llm.record_gates(True)
             llm.eval(prompt + answer)

@@ -124,6 +124,11 @@ def operands(op: str, rng: random.Random) -> tuple[int, int, int]:
 
 # the computation a problem's answer writes out: "a op b ="
 COMPUTATION = re.compile(r"(\d+) ([-+*]) (\d+) =")
+# how the recipes (and benchmarks.eval_batch) evaluate an answer: at most MAX_TOKENS tokens, and
+# exact: the number right after the first "=" is the result (the answer must show the
+# computation; a right number elsewhere in a rambling answer does not count)
+MAX_TOKENS = 40
+EXTRACT = r"regex:=\s*(-?\d+)"
 
 
 def problem_pairs(rows) -> set:

@@ -1,7 +1,7 @@
 """The compose recipe, end to end: a Spanish LoRA and a math LoRA on SmolLM2-135M-Instruct,
 fused by LoRA-Flow gates, against the baselines, in PyTorch and in the quantized runtime.
 
-    .venv/bin/python recipes/compose/run.py [--work DIR] [--seed 0] [--docs] [--compose3-work DIR] [--f32-check]
+    .venv/bin/python -m recipes.compose.run [--work DIR] [--seed 0] [--docs] [--compose3-work DIR] [--f32-check]
 
 Steps (each is skipped when its output exists in the work folder, so a rerun only redoes what
 is missing; `--redo STEP` redoes one step and everything after it):
@@ -33,17 +33,14 @@ import sys
 import time
 from pathlib import Path
 
+from recipes.compose import data as compose_data
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))
-
-from recipes.compose import data as compose_data  # noqa: E402
 
 BACKENDS = ("torch", "runtime")
-MAX_TOKENS = 40
-# exact answer: the number right after the first "=" is the result (the answer must show the
-# computation; a right number elsewhere in a rambling answer does not count)
-EXTRACT = r"regex:=\s*(-?\d+)"
+MAX_TOKENS = compose_data.MAX_TOKENS
+EXTRACT = compose_data.EXTRACT
 COMPUTATION = compose_data.COMPUTATION       # "a op b =", the computation an answer writes out
 STATIC_LRS = (0.01, 0.1)
 OPERATIONS = (("+", "addition"), ("-", "subtraction"), ("*", "multiplication"))
@@ -244,7 +241,7 @@ class Recipe:
         (self.work / "base-hf.txt").write_text(str(dequantized_folder(self.gguf)) + "\n")
 
     def lora_cmd(self, name: str, out: Path) -> list[str]:
-        return [sys.executable, str(HERE / "train_lora.py"), "--base", self.base_hf,
+        return [sys.executable, "-m", "recipes.compose.train_lora", "--base", self.base_hf,
                 "--data", str(self.data_dir / f"{self.ADAPTERS[name]}.jsonl"), "--out", str(out),
                 "--seed", str(self.seed), "--threads", "1"]
 
@@ -334,7 +331,7 @@ class Recipe:
                "--data", str(self.data_dir / f"{data}.jsonl"), "--extract", EXTRACT,
                "--max-tokens", str(MAX_TOKENS), "--threads", str(self.threads), "--show", "0", "-q", "-o", str(out)]
         if mode == "static":
-            cmd += ["--static-weights", str(self.work / f"gate-{static}" / "static.json")]
+            cmd += ["--weights", str(self.work / f"gate-{static}" / "static.json")]
         if backend == "torch":
             cmd += ["--base", self.base_hf, *self.adapter_args(), "--batch-size", "16"]
             if mode == "dynamic":

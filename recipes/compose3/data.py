@@ -22,10 +22,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from recipes.compose import data as compose  # noqa: E402
-from recipes.compose.data import (COLOURS, PLACES, THINGS, WHERE, Language, answer_language,  # noqa: E402
+from recipes.compose import data as compose
+from recipes.compose.data import (COLOURS, PLACES, THINGS, WHERE, Language, answer_language,
                                   draw_problems, language_tasks, problem_pairs, stream_rng, vocabularies)
 
 FRENCH_NAMES = ["Léa", "Louis", "Chloé", "Jules", "Manon", "Lucas", "Camille", "Théo", "Zoé", "Nathan", "Jade", "Paul",

@@ -2,7 +2,7 @@
 SmolLM2-135M-Instruct, fused by one LoRA-Flow gate (k = 3) for arithmetic word problems written in
 Spanish or in French (half each, mixed), against the baselines, in PyTorch and in the runtime.
 
-    .venv/bin/python recipes/compose3/run.py [--work DIR] [--seed 0] [--docs] [--compose-work DIR] [--f32-check]
+    .venv/bin/python -m recipes.compose3.run [--work DIR] [--seed 0] [--docs] [--compose-work DIR] [--f32-check]
 
 The steps are recipes/compose's (its Recipe, subclassed here), with:
     data      recipes/compose3/data.py: compose's language and math sets, French ones, mixed problems
@@ -23,16 +23,14 @@ The steps are recipes/compose's (its Recipe, subclassed here), with:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))
 
-from recipes.compose import run as compose  # noqa: E402
-from recipes.compose.run import BACKENDS, percent, read_jsonl  # noqa: E402
-from recipes.compose3 import data as compose3_data  # noqa: E402
+from recipes.compose import run as compose
+from recipes.compose.run import BACKENDS, percent, read_jsonl
+from recipes.compose3 import data as compose3_data
 
 LANGUAGES = {"es": "Spanish", "fr": "French"}
 

@@ -1,8 +1,8 @@
 """Coverage-guided fuzzing (atheris, libFuzzer) of everything that reads a flow file.
 
     pip install -e '.[fuzz]'
-    python tests/fuzz/fuzz_flow_file.py [-max_total_time=600] [other libFuzzer flags]   (make fuzz)
-    python tests/fuzz/fuzz_flow_file.py FINDING...                                     (run inputs once)
+    PYTHONPATH=tests python tests/fuzz/fuzz_flow_file.py [-max_total_time=600] [other libFuzzer flags]   (make fuzz)
+    PYTHONPATH=tests python tests/fuzz/fuzz_flow_file.py FINDING...                                     (run inputs once)
 
 Each input is written to a file and read the two ways a user's file is read:
 
@@ -32,7 +32,6 @@ from pathlib import Path
 import atheris
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # tests/: fixtures, tiny_flow
 
 with atheris.instrument_imports(include=["loraflow"]):
     from loraflow.converter.flow_file import read_flow_file
@@ -40,7 +39,7 @@ with atheris.instrument_imports(include=["loraflow"]):
     from loraflow.errors import FormatError, LoraFlowError
     from loraflow.gguf_read import read_header  # noqa: F401 - instrumented through the two above
 
-from loraflow.models import cache_dir  # noqa: E402
+from loraflow.models import cache_dir
 
 
 def prepare(root: Path) -> tuple[Path, list[Path]]:
