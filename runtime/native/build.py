@@ -22,12 +22,14 @@ already be in $LORAFLOW_CACHE/native/sdist.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -112,22 +114,47 @@ def source_dir(root: Path) -> Path:
 
 def prepare_source(root: Path, sdist: Path, patched: bool = True) -> Path:
     """A fresh, patched source tree at a fixed path, so the CMake build folder can be reused:
-    untouched files keep the tarball's timestamps and are not recompiled. `patched=False`
+    a file whose bytes are those of the tree it replaces keeps that file's timestamp and is not
+    recompiled; every other file is stamped now (see keep_unchanged_timestamps). `patched=False`
     leaves it as released (tests/upstream/run_ctest.py compares the two)."""
     top = source_dir(root)
-    if top.parent.exists():
-        shutil.rmtree(top.parent)
-    top.parent.mkdir(parents=True)
+    fresh = top.parent.with_name(top.parent.name + ".new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
     with tarfile.open(sdist) as tar:
-        tar.extractall(top.parent, filter="tar") if hasattr(tarfile, "data_filter") else tar.extractall(top.parent)
-    llama_dir = top / "vendor" / "llama.cpp"
-    if not patched:
-        return top
-    for ours, dest in OUR_SOURCES.items():
-        shutil.copyfile(ours, llama_dir / dest)
-    for patch in patch_series():
-        run(["patch", "-p1", "--batch", "--forward", "-i", str(patch)], cwd=llama_dir)
+        tar.extractall(fresh, filter="tar") if hasattr(tarfile, "data_filter") else tar.extractall(fresh)
+    llama_dir = fresh / top.name / "vendor" / "llama.cpp"
+    if patched:
+        for ours, dest in OUR_SOURCES.items():
+            shutil.copyfile(ours, llama_dir / dest)
+        for patch in patch_series():
+            run(["patch", "-p1", "--batch", "--forward", "-i", str(patch)], cwd=llama_dir)
+    if top.parent.exists():
+        keep_unchanged_timestamps(top.parent, fresh)
+        shutil.rmtree(top.parent)
+    fresh.rename(top.parent)
     return top
+
+
+def keep_unchanged_timestamps(old: Path, new: Path) -> None:
+    """Timestamps for `new` that make the build folder's objects exactly as fresh as their
+    sources: a file with the bytes of its namesake in `old` keeps that file's timestamp, any other
+    (changed, new, or back to the tarball's text because the patch that touched it was dropped)
+    is stamped now. Without the last case a dropped hunk stayed compiled in: the file came back
+    with the tarball's old timestamp, older than its object."""
+    now = time.time_ns()
+    for path in new.rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        prev = old / path.relative_to(new)
+        st = path.stat()
+        pst = prev.stat() if prev.is_file() and not prev.is_symlink() else None
+        # same size and timestamp: both came untouched from the tarball; otherwise compare bytes
+        if pst and pst.st_size == st.st_size and (
+                pst.st_mtime_ns == st.st_mtime_ns or filecmp.cmp(prev, path, shallow=False)):
+            os.utime(path, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+        else:
+            os.utime(path, ns=(now, now))
 
 
 def build_wheel(root: Path, top: Path, out: Path, user_cmake_args: str, jobs: int | None) -> Path:
