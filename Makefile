@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo compose compose3 fuzz upstream-tests check-arch install-vulkan test-vulkan clean-native
+.PHONY: install test test-page demo compose compose3 fuzz upstream-tests check-arch install-vulkan test-vulkan clean-native
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,14 @@ $(VENV)/.installed: pyproject.toml runtime/native/build.py runtime/native/patche
 
 test: install
 	$(VENV)/bin/pytest -q
+
+# the page at / in headless Chromium (tests/test_page.py, which skips without a browser, as in
+# `make test` on a machine without one): Debian's chromium and chromium-driver (apt-get as root,
+# about 120 MB to download), then the test, which also draws docs/page.png
+test-page: install
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+	LORAFLOW_PAGE_SCREENSHOT=docs/page.png $(VENV)/bin/pytest -q tests/test_page.py
 
 demo: install
 	$(VENV)/bin/loraflow demo
