@@ -13,26 +13,54 @@ every decode step. The engine's thread owns the context: between two decode step
 free slots and finished ones leave; prompts are fed first come, first served, in chunks of at
 most prefill_chunk tokens a step while others wait, so one long prompt does not stall the
 others' decoding and the first to come gets its first token first; every request samples with
-its own llama.cpp sampler chain; stop strings end it; a slot keeps its last request's tokens,
-and a new request in the same mode reuses the longest shared prefix of the KV cache. Each slot holds n_ctx / n_parallel tokens: a request that cannot
+its own llama.cpp sampler chain (logit bias, penalties, a grammar, a seed); stop strings end
+it; a slot keeps its last request's tokens, and a new request in the same mode reuses the longest
+shared prefix of the KV cache. Each slot holds n_ctx / n_parallel tokens: a request that cannot
 fit (prompt + max_tokens) is refused when submitted.
+
+What a request may ask besides its text, per generated token (the numbers of the row whose logits
+were sampled, so of the position that predicted the token): `logprobs=n`, the log-softmax of the
+raw logits, the chosen token's and the n most likely (`prompt_logprobs` too: those of every prompt
+token after the first, its cache then not reused); `trace=True`, the fusion weights the gate
+computed there ([n_layer, k]; None in mode off): the context records gates only while a running
+request asks for them.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 
 from loraflow.errors import LoraFlowError
 from loraflow.modes import Mode, ModeError
 from loraflow.runtime.sampling import Sampling
 
 PREFILL_CHUNK = 64
+
+# a token's log-probability and the n most likely of its row, (token id, logprob) best first
+TokenLogprobs = Tuple[float, List[Tuple[int, float]]]
+
+
+def token_logprobs(logits: np.ndarray, token: int, n: int) -> TokenLogprobs:
+    """The log-softmax of one row of raw logits, as llama-cpp-python computes it
+    (Llama.logits_to_logprobs, float32): the chosen token's and the n largest, ties to the larger
+    id as its sort gives them."""
+    import llama_cpp
+
+    lp = llama_cpp.Llama.logits_to_logprobs(logits)
+    top: List[Tuple[int, float]] = []
+    if n > 0:
+        kth = np.partition(lp, -n)[-n]
+        cand = np.nonzero(lp >= kth)[0].tolist()
+        top = [(i, float(lp[i])) for i in sorted(cand, key=lambda i: (float(lp[i]), i), reverse=True)[:n]]
+    return float(lp[token]), top
 
 
 class RequestError(LoraFlowError):
@@ -58,24 +86,34 @@ class Request:
     """One submitted request: stream() its text as it is decoded, or wait for result()."""
 
     def __init__(self, engine: "BatchEngine", tokens: List[int], mode: Mode, max_tokens: int,
-                 sampling: Sampling, stop: Sequence[str]):
+                 sampling: Sampling, stop: Sequence[str], logprobs: Optional[int] = None,
+                 prompt_logprobs: bool = False, trace: bool = False):
         self.engine = engine
         self.prompt = list(tokens)
         self.mode = mode
         self.max_tokens = max_tokens
         self.sampling = sampling
         self.stop = [s for s in stop if s]
+        self.logprobs = logprobs                      # n: keep each token's logprob and the n best
+        self.prompt_logprobs = prompt_logprobs and logprobs is not None
+        self.trace = trace
         self.generated: List[int] = []
+        self.token_logprobs: List[TokenLogprobs] = []                     # per generated token
+        self.prompt_token_logprobs: List[Optional[TokenLogprobs]] = []   # per prompt token (first: None)
+        self.gates: List[Optional[np.ndarray]] = []                       # per generated token: [n_layer, k]
         self.text = ""
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None
         self.n_cached = 0
         self.submitted = time.perf_counter()
+        self.started_at: Optional[float] = None       # when it took a slot
         self.first_token_at: Optional[float] = None
+        self.ended_at: Optional[float] = None
         self.first_token_step: Optional[int] = None   # the engine's decode step that gave it
         self.cancelled = threading.Event()
         self.done = threading.Event()
-        self._pieces: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._token_ends: List[int] = []              # bytes of the generated text after each token
+        self._pieces: "queue.Queue[Optional[Tuple[str, int]]]" = queue.Queue()
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the slot at its next step."""
@@ -84,6 +122,14 @@ class Request:
 
     def stream(self) -> Iterator[str]:
         """The generated text, piece by piece, until the request ends."""
+        for text, _ in self.stream_chunks():
+            yield text
+
+    def stream_chunks(self) -> Iterator[Tuple[str, int]]:
+        """(piece of text, how many generated tokens its text is complete with so far), piece by
+        piece, until the request ends; a token whose text is all sent comes with the piece that
+        completes it (its logprobs and gates are then in `token_logprobs` and `gates`). The tokens
+        after the last piece's count belong with the end."""
         while True:
             piece = self._pieces.get()
             if piece is None:
@@ -101,13 +147,14 @@ class Request:
                           self.n_cached, (self.first_token_at or self.submitted) - self.submitted)
 
     # called by the engine's thread
-    def _emit(self, piece: str) -> None:
+    def _emit(self, piece: str, safe_bytes: int) -> None:
         if piece:
             self.text += piece
-            self._pieces.put(piece)
+            self._pieces.put((piece, bisect.bisect_right(self._token_ends, safe_bytes)))
 
     def _end(self, reason: Optional[str], error: Optional[BaseException] = None) -> None:
         self.finish_reason, self.error = reason, error
+        self.ended_at = time.perf_counter()
         self._pieces.put(None)
         self.done.set()
 
@@ -117,11 +164,13 @@ class _Slot:
     seq_id: int
     tokens: List[int] = field(default_factory=list)   # what the KV cache holds for this sequence
     mode_key: Optional[tuple] = None                   # the mode those states were computed in
+    mode: Optional[Mode] = None
     request: Optional[Request] = None
     pending: List[int] = field(default_factory=list)  # tokens to feed before sampling
     sampler: object = None
     held: bytes = b""                                  # generated bytes not yet valid UTF-8
     unsent: str = ""                                   # decoded text held back: it may begin a stop string
+    n_bytes: int = 0                                   # bytes of the request's generated text
 
 
 class BatchEngine:
@@ -170,16 +219,24 @@ class BatchEngine:
         self.lock = threading.Condition()
         self.closed = False
         self.stats = dict(requests=0, finished=0, cancelled=0, generated_tokens=0, prompt_tokens=0,
-                          cached_tokens=0, decode_steps=0)
+                          cached_tokens=0, decode_steps=0, prompt_seconds=0.0, generation_seconds=0.0,
+                          busy_slot_steps=0, max_sequence=0)
+        k = llm.flow.n_adapters if llm.flow is not None else 0
+        self.gate_sum = np.zeros(k)      # the layer-mean gate weights of the dynamic tokens traced, summed
+        self.gate_tokens = 0
+        self._recording = False
         self.thread = threading.Thread(target=self._run, name="loraflow-batch-engine", daemon=True)
         self.thread.start()
 
     # -- the caller's side -------------------------------------------------------------------
 
     def submit(self, tokens: Sequence[int], mode: Mode | str = "dynamic", weights=None,
-               max_tokens: Optional[int] = 16, sampling: Optional[Sampling] = None, stop: Sequence[str] = ()) -> Request:
+               max_tokens: Optional[int] = 16, sampling: Optional[Sampling] = None, stop: Sequence[str] = (),
+               logprobs: Optional[int] = None, prompt_logprobs: bool = False, trace: bool = False) -> Request:
         """Queue a request (prompt token ids) in `mode` (a Mode, or a name with `weights`);
-        RequestError (ModeError for the mode) if it cannot run."""
+        RequestError (ModeError for the mode) if it cannot run. `logprobs`: keep every generated
+        token's logprob and the `logprobs` most likely (`prompt_logprobs`: the prompt's too);
+        `trace`: keep the gate's weights of every generated token."""
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise RequestError("the prompt is empty", "prompt")
@@ -199,7 +256,14 @@ class BatchEngine:
         elif max_tokens > room:
             raise RequestError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceed the "
                                f"{self.slot_ctx} tokens a sequence holds", "max_tokens")
-        request = Request(self, tokens, mode, max_tokens, sampling or Sampling(), stop)
+        sampling = sampling or Sampling()
+        if sampling.grammar is not None:   # a grammar llama.cpp cannot parse fails here, not in the engine
+            try:
+                sampling.sampler(self.llm).close()
+            except ValueError as e:
+                raise RequestError(str(e), "grammar") from None
+        request = Request(self, tokens, mode, max_tokens, sampling, stop, logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs, trace=trace)
         with self.lock:
             if self.closed:
                 raise LoraFlowError("the engine is closed")
@@ -212,7 +276,8 @@ class BatchEngine:
         with self.lock:
             busy = sum(s.request is not None for s in self.slots)
             return dict(slots=self.n_parallel, slots_busy=busy, queued=len(self.queue), slot_ctx=self.slot_ctx,
-                        kv_tokens=sum(len(s.tokens) for s in self.slots), **self.stats)
+                        kv_tokens=sum(len(s.tokens) for s in self.slots), recording=self._recording,
+                        gate_tokens=self.gate_tokens, gate_sum=self.gate_sum.tolist(), **self.stats)
 
     def cache_positions(self) -> list[tuple[int, int]]:
         """Per slot (tokens it believes its KV cache holds, positions llama.cpp holds for it): the
@@ -275,7 +340,7 @@ class BatchEngine:
 
     @staticmethod
     def _shared(slot: _Slot, request: Request) -> int:
-        if slot.mode_key != request.mode.key:
+        if slot.mode_key != request.mode.key or request.prompt_logprobs:
             return 0
         n = 0
         # at least one prompt token is fed again: its logits start the generation
@@ -293,12 +358,15 @@ class BatchEngine:
         slot.tokens = slot.tokens[:n_keep]
         if self.llm.flow is not None:
             set_native_mode(ctx, request.mode, seq_id=slot.seq_id)
-        slot.mode_key = request.mode.key
+        slot.mode_key, slot.mode = request.mode.key, request.mode
         slot.request = request
         slot.pending = request.prompt[n_keep:]
-        slot.held, slot.unsent = b"", ""
+        slot.held, slot.unsent, slot.n_bytes = b"", "", 0
         slot.sampler = request.sampling.sampler(self.llm)
         request.n_cached = n_keep
+        request.started_at = time.perf_counter()
+        if request.prompt_logprobs:
+            request.prompt_token_logprobs = [None]
         self.stats["prompt_tokens"] += len(request.prompt)
         self.stats["cached_tokens"] += n_keep
 
@@ -313,6 +381,7 @@ class BatchEngine:
             return
         rows = []                           # (token, position, sequence, wants logits)
         logit_rows = {}                     # batch row -> slot whose next token it samples
+        prompt_rows = {}                    # batch row -> (slot, prompt token it gives the logprob of)
         generating = [s for s in active if s.request.generated or len(s.pending) == 1]
         # prompts first come, first served, so that the first to come gets its first token first:
         # the oldest takes up to prefill_chunk tokens (the whole batch when nobody else waits),
@@ -332,23 +401,66 @@ class BatchEngine:
             take = min(take, self.n_batch - len(rows))
             if take <= 0:
                 continue
+            scored = slot.request.prompt_logprobs and not slot.request.generated
             for j, token in enumerate(slot.pending[:take]):
                 last = j == take - 1 and take == len(slot.pending)
                 if last:
                     logit_rows[len(rows)] = slot
-                rows.append((token, len(slot.tokens) + j, slot.seq_id, last))
+                elif scored:
+                    prompt_rows[len(rows)] = (slot, len(slot.tokens) + j + 1)
+                rows.append((token, len(slot.tokens) + j, slot.seq_id, last or scored))
             slot.tokens += slot.pending[:take]
             slot.pending = slot.pending[take:]
+        record = self.llm.flow is not None and any(s.request is not None and s.request.trace for s in self.slots)
+        if record != self._recording:       # the gates are graph outputs only while someone reads them
+            self._set_recording(record)
         self.batch.set(rows)
         rc = self.ctx.decode(self.batch)
         if rc != 0:
             raise LoraFlowError(f"llama_decode failed ({rc}) on a batch of {len(rows)} tokens")
         self.stats["decode_steps"] += 1
-        for row, slot in logit_rows.items():
-            token = slot.sampler.sample(self.ctx, row)
-            self._accept(slot, token)
+        self.stats["busy_slot_steps"] += sum(s.request is not None for s in self.slots)
+        gates = None
+        if record:
+            from loraflow.runtime.flow_llama import recorded_gates
 
-    def _accept(self, slot: _Slot, token: int) -> None:
+            gates = recorded_gates(self.ctx.ptr, self.llm.flow)
+        n_vocab = self.llm.n_vocab()
+        for row, (slot, j) in prompt_rows.items():
+            slot.request.prompt_token_logprobs.append(
+                token_logprobs(self.ctx.logits(row, n_vocab), slot.request.prompt[j], slot.request.logprobs))
+        for row, slot in logit_rows.items():
+            request = slot.request
+            logits = np.array(self.ctx.logits(row, n_vocab)) if request.logprobs is not None else None
+            token = slot.sampler.sample(self.ctx, row)
+            info = None if logits is None else token_logprobs(logits, token, request.logprobs)
+            gate = None
+            if request.trace and gates is not None and request.mode.kind != "off":
+                gate = gates[row].copy()
+            self._accept(slot, token, info, gate)
+
+    def _set_recording(self, on: bool) -> None:
+        """Record the gates (or not). Turned on, the adapter is attached again: that makes llama.cpp
+        reserve and lay out the graph's buffers anew, with the gates among its outputs. (Without
+        it, a graph of the same shape as one computed while not recording reuses that layout, in
+        which the gate tensors' memory is overwritten by later nodes: the recorded weights are
+        garbage. The patch's llama_flow_set_record rebuilds the graph but keeps the layout.)
+        Attaching clears the sequences' modes: set again for every slot that has one."""
+        from loraflow.runtime.flow_llama import set_native_mode
+
+        self.B.llama_flow_set_record(self.ctx.ptr, on)
+        if on:
+            self.B.llama_flow_set_adapter(self.ctx.ptr, None, None, 0)
+            err = ctypes.create_string_buffer(1024)
+            if self.B.llama_flow_set_adapter(self.ctx.ptr, self.llm.flow.ptr, err, len(err)) != 0:
+                raise LoraFlowError(err.value.decode(errors="replace"))
+            for slot in self.slots:
+                if slot.mode is not None:
+                    set_native_mode(self.ctx.ptr, slot.mode, seq_id=slot.seq_id)
+        self._recording = on
+
+    def _accept(self, slot: _Slot, token: int, info: Optional[TokenLogprobs] = None,
+                gate: Optional[np.ndarray] = None) -> None:
         request = slot.request
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
@@ -358,9 +470,19 @@ class BatchEngine:
             self._finish(slot, "stop")
             return
         request.generated.append(token)
+        if request.logprobs is not None:
+            request.token_logprobs.append(info)
+        if request.trace:
+            request.gates.append(gate)
+            if gate is not None and request.mode.kind == "dynamic":
+                self.gate_sum += gate.mean(axis=0)
+                self.gate_tokens += 1
         self.stats["generated_tokens"] += 1
         slot.pending = [token]
-        slot.held += self.llm.detokenize([token])
+        piece = self.llm.detokenize([token])
+        slot.held += piece
+        slot.n_bytes += len(piece)
+        request._token_ends.append(slot.n_bytes)
         if self._flush(slot, final=False):
             self._finish(slot, "stop")
         elif len(request.generated) >= request.max_tokens:
@@ -380,18 +502,19 @@ class BatchEngine:
                 cut -= 1
         text = slot.unsent + slot.held[:cut].decode("utf-8", errors="replace")
         slot.held = slot.held[cut:]
+        decoded = slot.n_bytes - len(slot.held)          # bytes of the generated text decoded so far
         for stop in request.stop:
             i = text.find(stop)
             if i >= 0:
-                request._emit(text[:i])
+                request._emit(text[:i], decoded - len(text[i:].encode()))
                 slot.unsent = ""
                 return True
         hold = 0
         if not final:  # the longest tail that begins a stop string
             for stop in request.stop:
                 hold = max([hold] + [k for k in range(1, min(len(stop), len(text) + 1)) if text.endswith(stop[:k])])
-        request._emit(text[:len(text) - hold])
         slot.unsent = text[len(text) - hold:]
+        request._emit(text[:len(text) - hold], decoded - len(slot.unsent.encode()))
         return False
 
     def _finish(self, slot: _Slot, reason: Optional[str], error: Optional[BaseException] = None) -> None:
@@ -400,9 +523,14 @@ class BatchEngine:
             slot.sampler.close()
         slot.request, slot.pending, slot.sampler, slot.unsent = None, [], None, ""
         self.stats["finished"] += 1
+        now = time.perf_counter()
+        if request.first_token_at is not None:
+            self.stats["prompt_seconds"] += request.first_token_at - (request.started_at or request.submitted)
+            self.stats["generation_seconds"] += now - request.first_token_at
+        self.stats["max_sequence"] = max(self.stats["max_sequence"], len(request.prompt) + len(request.generated))
         request._end(reason, error)
 
     def _forget(self, slot: _Slot) -> None:
         """Drop what a slot's cache holds (after a failed step its states are not to be trusted)."""
         self._llama_cpp.llama_memory_seq_rm(self._llama_cpp.llama_get_memory(self.ctx.ptr), slot.seq_id, -1, -1)
-        slot.tokens, slot.mode_key = [], None
+        slot.tokens, slot.mode_key, slot.mode = [], None, None

@@ -150,26 +150,44 @@ def chat(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, max_
 @click.option("--name", "model_id", default=None, help="model id the API reports  [default: the model file's stem]")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-@click.option("--parallel", "-np", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="requests decoded together, each in its own mode and with a context of --ctx tokens "
-                   "(continuous batching; 1: one at a time, with llama-cpp-python's logprobs and grammars)")
+@click.option("--parallel", "-np", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="requests decoded together (continuous batching), each in its own mode, with a context of "
+                   "--ctx tokens each; 4, as llama-server's auto. 1: one at a time through llama-cpp-python's "
+                   "own completion code (its behaviour exactly; one context, so a quarter of the KV memory of 4; "
+                   "logprobs only with --logits-all); every API feature is served batched too")
+@click.option("--logits-all", is_flag=True,
+              help="with --parallel 1: keep the logits of every token, so that logprobs are served (costs --ctx x "
+                   "n_vocab floats: 400 MB for SmolLM2 at --ctx 2048, and slower prompts); the batched server "
+                   "serves logprobs without it")
+@click.option("--shutdown-timeout", type=float, default=10.0, show_default=True,
+              help="on SIGTERM or Ctrl-C: seconds the running requests get to finish (new ones get 503) before "
+                   "the streams still open are ended with an error event")
 def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, host, port, model_id, log_level,
-          parallel):
+          parallel, logits_all, shutdown_timeout):
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming too),
-    /v1/models, /health. The body field "flow_mode" (and "flow_weights") picks the fusion mode per
-    request; with --parallel N up to N requests are decoded together, whatever their modes."""
+    /v1/models, /health, /metrics (Prometheus). The body field "flow_mode" (and "flow_weights")
+    picks the fusion mode per request, "flow_trace" returns the gate's weights of every token; up
+    to --parallel requests are decoded together, whatever their modes. SIGTERM or Ctrl-C stops it
+    gracefully."""
     try:
         from loraflow.runtime.server import serve as run_server
     except ImportError as e:
         raise LoraFlowError(f"the server needs FastAPI and uvicorn: pip install 'loraflow[serve]' ({e})") from None
-    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose)
+    if logits_all and parallel > 1:
+        raise click.UsageError("--logits-all is for --parallel 1 (the batched server serves logprobs without it)")
+    from loraflow.runtime.loading import open_llm as load
+
+    # batched, the model's own context only tokenizes: the smallest one; the slots have their own
+    llm = load(model, flow, mode, weights, threads=threads, n_gpu_layers=n_gpu_layers,
+               n_ctx=n_ctx if parallel == 1 else 256, verbose=verbose, **({"logits_all": True} if logits_all else {}))
     if model_id is None:
         model_id = Path(llm.model_path).stem
     click.echo(f"loraflow serve: {_banner(llm, model, flow)}", err=True)
-    click.echo(f"loraflow serve: OpenAI-compatible API at http://{host}:{port}/v1 (model id '{model_id}')", err=True)
+    click.echo(f"loraflow serve: OpenAI-compatible API at http://{host}:{port}/v1 (model id '{model_id}'), "
+               f"{parallel} slot{'s' if parallel > 1 else ''} of {n_ctx} tokens", err=True)
     try:
         run_server(llm, model_id, host=host, port=port, mode=llm.mode, log_level=log_level, parallel=parallel,
-                   n_ctx=n_ctx * parallel if parallel > 1 else None)
+                   n_ctx=n_ctx * parallel if parallel > 1 else None, shutdown_timeout=shutdown_timeout)
     finally:
         llm.close()
 

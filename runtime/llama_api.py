@@ -162,6 +162,15 @@ class Sampler:
     def penalties(self, n_vocab: int, last_n: int, repeat: float, frequency: float, presence: float):
         return self._add(llama_cpp.llama_sampler_init_penalties(n_vocab, last_n, repeat, frequency, presence))
 
+    def grammar(self, model, gbnf: str, root: str = "root"):
+        """Only tokens the GBNF grammar `gbnf` accepts from rule `root` (llama.cpp's grammar
+        sampler, as llama-cpp-python's LlamaSampler.add_grammar makes it); ValueError when llama.cpp
+        cannot parse it."""
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab_ptr(model), gbnf.encode("utf-8"), root.encode("utf-8"))
+        if not sampler:
+            raise ValueError("llama.cpp could not parse the grammar")
+        return self._add(sampler)
+
     def logit_bias(self, n_vocab: int, bias: Dict[int, float]):
         array = (llama_cpp.llama_logit_bias * len(bias))()
         for i, (token, value) in enumerate(bias.items()):
@@ -176,3 +185,55 @@ class Sampler:
         if self.ptr:
             llama_cpp.llama_sampler_free(self.ptr)
             self.ptr = None
+
+
+class CompletionTokens:
+    """The token ids of the completion llama-cpp-python's `Llama.create_completion` is making
+    (and so `create_chat_completion`'s), as it makes them: `with CompletionTokens(llm) as seen:`
+    around the call, then `seen.prompt` and `seen.tokens` (the generated ids, end-of-generation
+    token excluded: what its usage counts). Its answers carry text only, and its last generated
+    token is never evaluated, so nothing else tells.
+
+    This leans on the code of `Llama._create_completion` (0.3.36): after every generated token it
+    detokenizes the completion so far as `detokenize(completion_tokens, prev_tokens=prompt_tokens)`,
+    the same two lists each time; the tokenizer (`Llama.tokenizer_`, the object Llama(tokenizer=)
+    sets) is wrapped for the duration of the block and sees them. `abort()` makes the next such
+    call raise `Aborted`, which ends the completion (a server stopping)."""
+
+    class Aborted(Exception):
+        pass
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.prompt: list = []
+        self.tokens: list = []
+        self.seen = False
+        self._aborted = False
+
+    def abort(self) -> None:
+        self._aborted = True
+
+    def __enter__(self) -> "CompletionTokens":
+        inner = _attr(self.llm, "tokenizer_")
+        spy = self
+
+        class Tokenizer(type(inner)):            # isinstance checks still hold
+            def __init__(self):                  # noqa: D401 - a view of `inner`, not a new tokenizer
+                self.__dict__.update(inner.__dict__)
+
+            def tokenize(self, *args, **kwargs):
+                return inner.tokenize(*args, **kwargs)
+
+            def detokenize(self, tokens, prev_tokens=None, special=False):
+                if spy._aborted:
+                    raise CompletionTokens.Aborted("the completion was aborted")
+                if prev_tokens is not None and not spy.seen and isinstance(tokens, list):
+                    spy.prompt, spy.tokens, spy.seen = prev_tokens, tokens, True   # the first call: the lists themselves
+                return inner.detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+        self._inner = inner
+        self.llm.tokenizer_ = Tokenizer()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.llm.tokenizer_ = self._inner
