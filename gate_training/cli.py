@@ -70,10 +70,15 @@ def _adapter_option(required: bool):
 @click.option("--threads", "-t", type=int, default=None, help="torch CPU threads  [default: torch's, all cores]")
 @click.option("--gradient-checkpointing", is_flag=True, help="recompute activations in backward (long sequences)")
 @click.option("--force", is_flag=True, help="write into a non-empty output folder")
+@click.option("--resume", is_flag=True,
+              help="continue the interrupted run in the output folder from its last completed epoch "
+                   "(train-state.pt there), with the same settings and data; ends with the gate of an "
+                   "uninterrupted run")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def train_gate_cmd(base, adapters, data, dev, out_dir, fusion, per_layer, epochs, lr, batch_size, warmup,
                    weight_decay, grad_clip, temperature, init_adapter, max_length, truncate, no_eos, dev_metric,
-                   extract, dev_max_tokens, seed, dtype, device, threads, gradient_checkpointing, force, quiet):
+                   extract, dev_max_tokens, seed, dtype, device, threads, gradient_checkpointing, force, resume,
+                   quiet):
     """Learn the fusion of the adapters on DATA: the LoRA-Flow gates (dynamic), or a static baseline.
 
     The base model and the LoRAs stay frozen; the loss covers response tokens only. Rows are
@@ -91,7 +96,7 @@ def train_gate_cmd(base, adapters, data, dev, out_dir, fusion, per_layer, epochs
                       grad_checkpointing=gradient_checkpointing, max_length=max_length, truncate=truncate,
                       add_eos=not no_eos, dev_metric=dev_metric, extract=extract, dev_max_tokens=dev_max_tokens)
     record = train_gate(cfg, base, adapters, data, out_dir, dev=dev, force=force, progress=not quiet,
-                        log=click.echo)
+                        log=click.echo, resume=resume)
     if os.environ.get("RANK", "0") != "0":
         return                                  # torchrun / accelerate launch: the first process reports
     best = record["best"]

@@ -13,13 +13,20 @@ Fusions:
               on the same data and loss (the paper's task-level fusion)  -> OUT_DIR/static.json
     average   1/k each, nothing to train (losses are still measured)     -> OUT_DIR/static.json
 and OUT_DIR/run.json records the config, the data files' sha256, per-epoch losses and timings.
+
+After each epoch the whole training state goes atomically into OUT_DIR/train-state.pt (STATE_FILE:
+the trained weights, AdamW's state, the step, every RNG state, the epoch rows, the kept best weights
+and a fingerprint of the settings and data); `--resume` continues from it to the gate an
+uninterrupted run ends with, bit for bit, and the finished run removes it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +39,13 @@ DEV_METRICS = ("loss", "accuracy")
 STATIC_FILE = "static.json"
 RUN_FILE = "run.json"
 OUTPUT_FILES = (schema.GATE_CKPT_FILE, STATIC_FILE, RUN_FILE)
+# the state of an unfinished run, written after each epoch (save_state) and removed once the
+# outputs are written; `--resume` continues from it
+STATE_FILE = "train-state.pt"
+STATE_FORMAT = 1
+# settings that change how fast a run goes, not what it computes: `--resume` may change them (on
+# another device or thread count the rest of the run is the same up to rounding, not bit for bit)
+RESUME_FREE = ("device", "threads", "grad_checkpointing")
 # the training examples (the first ones) on which the layer inputs' RMS is measured before training
 SCALE_EXAMPLES = 64
 # the default learning rate. Adam moves each parameter by about lr a step: the gate's weight acts on
@@ -205,13 +219,130 @@ class Parallel:
 
 # -- the run -------------------------------------------------------------------------------------
 
-def check_out_dir(out_dir, force: bool) -> Path:
+def check_out_dir(out_dir, force: bool, resume: bool = False) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LoraFlowError(f"{out}: exists and is not a folder")
+    if resume:
+        if not (out / STATE_FILE).is_file():
+            finished = " (the run there finished: its run.json is written)" if (out / RUN_FILE).is_file() else ""
+            raise LoraFlowError(f"{out}: nothing to resume, no {STATE_FILE} there{finished}; "
+                                "run without --resume to train from the start")
+        return out
     if out.is_dir() and any(out.iterdir()) and not force:
+        if (out / STATE_FILE).is_file():
+            raise LoraFlowError(f"{out}: folder holds an interrupted run ({STATE_FILE}); pass --resume to "
+                                "continue it, or --force to start over")
         raise LoraFlowError(f"{out}: folder is not empty; pass --force to write into it anyway")
     return out
+
+
+# -- the state of an unfinished run (--resume) ---------------------------------------------------
+
+def run_fingerprint(cfg: TrainConfig, base, adapters, data, dev) -> dict:
+    """What a run was started with, as --resume compares it: the config (less RESUME_FREE), the
+    base and adapter paths (resolved) and the data files' sha256 (a moved file is the same data)."""
+    from loraflow.gate_training.data import file_sha256
+
+    return {"config": {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE},
+            "base": str(Path(base).resolve()),
+            "adapters": [[str(n), str(Path(p).resolve())] for n, p in adapters],
+            "data": {"train": file_sha256(data), "dev": file_sha256(dev) if dev else None}}
+
+
+# how --resume names a config field that differs: its option (and how its value reads)
+_OPTIONS = {"add_eos": ("--no-eos", lambda v: not v), "grad_checkpointing": ("--gradient-checkpointing", None)}
+
+
+def fingerprint_differences(then: dict, now: dict) -> list[str]:
+    """Each way `now` differs from the fingerprint `then` a state was saved with, in words."""
+    diffs = []
+    a, b = then.get("config", {}), now["config"]
+    for key in [*b, *(k for k in a if k not in b)]:
+        if a.get(key) != b.get(key):
+            opt, show = _OPTIONS.get(key, ("--" + key.replace("_", "-"), None))
+            show = show or (lambda v: v)
+            diffs.append(f"{opt} {show(a.get(key))!r} then, {show(b.get(key))!r} now")
+    if then.get("base") != now["base"]:
+        diffs.append(f"--base {then.get('base')} then, {now['base']} now")
+    if then.get("adapters") != now["adapters"]:
+        fmt = lambda xs: " ".join(f"{n}={p}" for n, p in xs or [])  # noqa: E731
+        diffs.append(f"--adapter {fmt(then.get('adapters'))} then, {fmt(now['adapters'])} now")
+    for name in ("train", "dev"):
+        x, y = then.get("data", {}).get(name), now["data"][name]
+        if x != y:
+            opt = "--data" if name == "train" else "--dev"
+            diffs.append(f"{opt}: none then, a file now" if x is None else f"{opt}: a file then, none now"
+                         if y is None else f"{opt}: a different file (sha256 {x[:12]}... then, {y[:12]}... now)")
+    return diffs
+
+
+def load_state(out: Path) -> dict:
+    """OUT_DIR/train-state.pt, read back (tensors on the CPU)."""
+    import torch
+
+    path = out / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                     # noqa: BLE001  (a truncated or foreign file: say so)
+        raise LoraFlowError(f"{path}: cannot read the training state ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise LoraFlowError(f"{path}: not a train-gate state of format {STATE_FORMAT}")
+    return state
+
+
+def save_state(out: Path, state: dict) -> None:
+    """Write `state` to OUT_DIR/train-state.pt atomically: into a temporary file of the same folder,
+    flushed to disk, then renamed over the previous state. A kill at any moment leaves the
+    previous epoch's state or this one, whole."""
+    import tempfile
+
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{STATE_FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / STATE_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_state(out: Path) -> None:
+    """The state file and any temporary one a kill left mid-write (ours by name)."""
+    (out / STATE_FILE).unlink(missing_ok=True)
+    for tmp in out.glob(f".{STATE_FILE}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def rng_states(device) -> dict:
+    """Every RNG the run may draw from but the shuffling generator: python, numpy, torch (CPU, CUDA)."""
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if str(device).startswith("cuda"):
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def _data_record(path, examples) -> dict:
@@ -223,9 +354,10 @@ def _data_record(path, examples) -> dict:
 
 
 def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force: bool = False,
-               progress: bool = True, log=print) -> dict:
+               progress: bool = True, log=print, resume: bool = False) -> dict:
     """Train the fusion `cfg.fusion` for `adapters` [(name, peft_dir), ...] on `data` (jsonl);
-    write OUT_DIR/{gate.safetensors | static.json} and OUT_DIR/run.json; return the run record."""
+    write OUT_DIR/{gate.safetensors | static.json} and OUT_DIR/run.json; return the run record.
+    With `resume`, continue the interrupted run whose state OUT_DIR holds (same settings and data)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -234,7 +366,8 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
 
     t_start = time.time()
     cfg.check()
-    out = check_out_dir(out_dir, force)
+    out = check_out_dir(out_dir, force, resume)
+    state = load_state(out) if resume else None
     if cfg.dev_metric == "accuracy" and dev is None:
         raise LoraFlowError("--dev-metric accuracy needs a dev set (--dev)")
     device = load.pick_device(cfg.device)
@@ -254,6 +387,12 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
     train_ex = load_examples(data, tokenizer, max_length, cfg.truncate, cfg.add_eos)
     dev_ex = load_examples(dev, tokenizer, max_length, cfg.truncate, cfg.add_eos) if dev else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    fingerprint = run_fingerprint(cfg, base, adapters, data, dev)
+    if state is not None:
+        diffs = fingerprint_differences(state["fingerprint"], fingerprint)
+        if diffs:
+            raise LoraFlowError(f"{out}: cannot resume, the run there was started otherwise: " + "; ".join(diffs)
+                                + " (resume with its settings and data, or start over with --force)")
     par = Parallel(device)              # one process, or one of several started by torchrun / accelerate launch
     device = par.device
     progress = progress and par.main
@@ -268,11 +407,15 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
     if cfg.fusion == "dynamic":
         # each gate trains on its layer's input divided by that input's typical RMS, measured here
         # (the same examples in every process), so that cfg.lr does not depend on the model's
-        # residual scale (FlowGate); the checkpoint holds W itself
-        sample = train_ex[:SCALE_EXAMPLES]
-        input_scales = flow.measure_input_scales(
-            {key: v.to(device) for key, v in collate(sample[i:i + cfg.eval_batch_size], pad_id).items()}
-            for i in range(0, len(sample), cfg.eval_batch_size))
+        # residual scale (FlowGate); the checkpoint holds W itself. A resumed run takes the scales
+        # the run measured at its start
+        if state is not None:
+            input_scales = list(state["input_scales"])
+        else:
+            sample = train_ex[:SCALE_EXAMPLES]
+            input_scales = flow.measure_input_scales(
+                {key: v.to(device) for key, v in collate(sample[i:i + cfg.eval_batch_size], pad_id).items()}
+                for i in range(0, len(sample), cfg.eval_batch_size))
         flow.set_input_scales(input_scales)
         params = list(flow.gates.parameters())
     elif cfg.fusion == "static":
@@ -315,13 +458,28 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
             return row["dev_accuracy"] > best["dev_accuracy"]
         return row["dev_loss"] < best["dev_loss"]
 
-    epochs, best, best_state = [], None, None
     t0 = time.time()
-    row = measure(0, None)
-    row["seconds"] = time.time() - t0
-    epochs.append(row)
-    best, best_state = row, trainable_state()
-    log(_epoch_line(row, "average" if cfg.fusion == "average" else "before training"))
+    resumed_from = []                          # the epochs this run was resumed after
+    if state is None:
+        epochs, best, best_state = [], None, None
+        row = measure(0, None)
+        row["seconds"] = time.time() - t0
+        epochs.append(row)
+        best, best_state = row, trainable_state()
+        log(_epoch_line(row, "average" if cfg.fusion == "average" else "before training"))
+        train_s_before = 0.0
+    else:
+        # where the last completed epoch left the weights, the kept best and the epoch table
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        best_state = [t.to(p.device) for p, t in zip(params, state["best_state"])]
+        epochs, best = state["epochs_done"], state["best"]
+        resumed_from = [*state["resumed_from"], state["epoch"]]
+        train_s_before = state["train_s"]
+        flow.model.eval()                      # as measure() leaves it after every epoch
+        log(f"resuming from epoch {state['epoch']}/{cfg.epochs} ({out / STATE_FILE}): "
+            + _epoch_line(epochs[-1], f"epoch {state['epoch']}"))
 
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs if params else 0
@@ -329,9 +487,18 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup_steps = int(cfg.warmup * total_steps)
         gen = torch.Generator().manual_seed(cfg.seed)
-        bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True)
-        step = 0
-        for epoch in range(1, cfg.epochs + 1):
+        step, first = 0, 1
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["rng"]["shuffle"])
+            set_rng_states(state["rng"], device)
+            step, first = state["step"], state["epoch"] + 1
+        elif par.main and force:
+            remove_state(out)                  # a previous run's state: this run starts over
+        bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+        if state is not None:
+            bar.set_description(f"resuming from epoch {state['epoch']}/{cfg.epochs}")
+        for epoch in range(first, cfg.epochs + 1):
             t_epoch = time.time()
             if cfg.grad_checkpointing:
                 flow.model.train()            # transformers checkpoints only in training mode
@@ -367,12 +534,26 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
             epochs.append(row)
             if better(row, best):
                 best, best_state = row, trainable_state()
+            if par.main:
+                # the epoch is complete: everything the next one starts from
+                try:
+                    save_state(out, {
+                        "format": STATE_FORMAT, "fingerprint": fingerprint, "epoch": epoch, "step": step,
+                        "params": [p.detach().cpu().clone() for p in params],
+                        "optimizer": opt.state_dict(),
+                        "best_state": [t.detach().cpu().clone() for t in best_state], "best": best,
+                        "epochs_done": epochs, "input_scales": input_scales,
+                        "rng": {"shuffle": gen.get_state(), **rng_states(device)},
+                        "resumed_from": resumed_from, "train_s": train_s_before + time.time() - t0})
+                except (OSError, RuntimeError) as e:     # torch.save reports a full disk as RuntimeError
+                    log(f"warning: {out / STATE_FILE}: could not save the training state ({e}); "
+                        "--resume would start from an earlier epoch")
             (bar.write if progress else log)(_epoch_line(row, f"epoch {epoch}"))
         bar.close()
         with torch.no_grad():
             for p, saved in zip(params, best_state):
                 p.copy_(saved)
-    train_s = time.time() - t0
+    train_s = train_s_before + time.time() - t0
     par.close()
 
     # outputs (the first process writes them)
@@ -399,17 +580,19 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
         "input_scales": None if input_scales is None else [round(x, 6) for x in input_scales],
         "trainable_parameters": sum(p.numel() for p in params),
         "steps": total_steps,
+        "resumed_from_epochs": resumed_from,
         "outputs": list(outputs),
         "device": device,
         "processes": par.world,
         "torch_threads": torch.get_num_threads(),
         "versions": _versions(),
         "timings": {"load_s": round(load_s, 3), "train_s": round(train_s, 3),
-                    "total_s": round(time.time() - t_start, 3)},
+                    "total_s": round(train_s_before + time.time() - t_start, 3)},
     }
     if par.main:
         outputs[RUN_FILE] = lambda path: path.write_text(json.dumps(record, indent=2) + "\n")
         write_outputs(out, outputs)
+        remove_state(out)                      # the run is finished: its outputs hold all of it
     return record
 
 
