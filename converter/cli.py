@@ -86,12 +86,20 @@ def base(hf_dir, output, outtype, force, quiet):
 @_verbose
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(file, as_json):
+@click.option("--verify", is_flag=True,
+              help="Only check the file's digest (loraflow.digest) against its contents, without loading a "
+                   "model: 'digest ok', or an error and exit code 1 on a mismatch or a file without one.")
+def inspect(file, as_json, verify):
     """Summarise a LoRA-Flow file, a stock llama.cpp LoRA or a base model GGUF."""
     import json
 
-    from loraflow.converter.summary import format_summary, inspect_gguf
+    from loraflow.converter.summary import format_summary, inspect_gguf, verify_digest
 
+    if verify:
+        digest = verify_digest(file)
+        click.echo(json.dumps({"file": file, "digest": digest, "ok": True}) if as_json
+                   else f"{file}: digest ok ({digest})")
+        return
     data = inspect_gguf(file)
     click.echo(json.dumps(data, indent=2) if as_json else format_summary(data))
 

@@ -19,6 +19,7 @@ from loraflow.converter.base_info import BaseInfo, read_base_info
 from loraflow.converter.gates import GateCheckpoint, read_gate
 from loraflow.converter.lora_layout import lora_layout
 from loraflow.converter.output import atomic_output, check_output
+from loraflow.digest import add_digest, check_digest
 from loraflow.errors import ConversionError
 from loraflow.peft_io import PeftAdapter, read_peft_adapter
 
@@ -83,11 +84,13 @@ def convert_flow(base, adapters, gate, out, outtype: str = DEFAULT_OUTTYPE, temp
                 logger.warning("%d of %d LoRA tensors have rows of a length that is not a multiple of %d "
                                "(e.g. %s, rank %d): written as F16 instead of Q8_0", len(as_f16), 2 * len(pairs),
                                gguf.GGML_QUANT_SIZES[qtype][0], as_f16[0], sum(x.r for x in loras))
+            add_digest(writer)  # of the bytes about to be written, the last key
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
         finally:
             writer.close()
+        check_digest(tmp)  # the file as written hashes to what its header says
     logger.info("wrote %s: %s, %d adapters %s, %d LoRA pairs, %s", out, info.arch, len(names), names,
                 len(pairs), outtype)
     return out

@@ -18,6 +18,8 @@ import numpy as np
 
 from loraflow import schema
 from loraflow.converter.flow_file import is_flow_file, read_flow_file
+from loraflow.digest import check_digest
+from loraflow.errors import FormatError
 from loraflow.gguf_read import GGUFHeader, read_header
 
 _LORA_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight\.lora_([ab])$")
@@ -31,6 +33,17 @@ def inspect_gguf(path) -> dict:
     if meta.get(schema.KEY_GENERAL_TYPE) == "adapter" and meta.get(schema.KEY_ADAPTER_TYPE) == "lora":
         return _inspect_lora(header)
     return _inspect_model(header)
+
+
+def verify_digest(path) -> str:
+    """`inspect --verify`: the file's digest when its contents match it; a FormatError naming the
+    file when they do not, or when it has none (nothing to verify: loading accepts such a file
+    with a notice, but a check that passes must mean the bytes are the ones written)."""
+    digest = check_digest(path)
+    if digest is None:
+        raise FormatError(f"{path}: no {schema.KEY_DIGEST} (written before flow files carried one): nothing "
+                          "to verify; loraflow.digest.stamp_digest adds one")
+    return digest
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -67,6 +80,7 @@ def _inspect_flow(h: GGUFHeader) -> dict:
     d.update({
         "format_version": f.version, "n_layer": f.n_layer, "n_embd": f.n_embd, "k": f.k,
         "temperature": f.temperature, "gate_input": f.gate_input, "R": sum(f.ranks), "lora_pairs": len(f.pairs),
+        "digest": h.meta.get(schema.KEY_DIGEST),
         "adapters": [
             {"slot": i, "name": f.names[i], "rank": f.ranks[i], "alpha": f.alphas[i], "scale": f.scales[i],
              "rslora": _is_rslora(f.alphas[i], f.ranks[i], f.scales[i]),
@@ -188,7 +202,9 @@ def format_summary(d: dict) -> str:
         lines += [f"LoRA-Flow file v{d['format_version']}: arch {d['arch']}, {d['n_layer']} layers, "
                   f"n_embd {d['n_embd']}, k = {d['k']} adapters, "
                   f"R = {d['R']} (the ranks summed: rows of each module's A), {d['lora_pairs']} LoRA pairs",
-                  f"gate: temperature {d['temperature']:g}, input {d['gate_input']}", "", "adapters:"]
+                  f"gate: temperature {d['temperature']:g}, input {d['gate_input']}",
+                  f"digest: {d['digest']} (not checked here: --verify checks it)" if d.get("digest") is not None
+                  else "digest: none (written before flow files carried one)", "", "adapters:"]
         for a in d["adapters"]:
             rs = " (rsLoRA: alpha/sqrt(r))" if a["rslora"] else ""
             lines.append(f"  [{a['slot']}] {a['name']}: rank {a['rank']}, alpha {a['alpha']:g}, "

@@ -24,6 +24,11 @@ KEY_ADAPTER_SCALES = "loraflow.adapter.scales" # [float32] * k, s_i folded into 
 KEY_GATE_TEMPERATURE = "loraflow.gate.temperature"  # float32 T
 KEY_GATE_INPUT = "loraflow.gate.input"         # string, = GATE_INPUT
 GATE_INPUT = "layer_input"                     # residual stream entering the layer, before its norm
+# string "sha256:<64 lowercase hex>": SHA-256 of every other key and value and every tensor's
+# name, type, shape and bytes, in file order (docs/FORMAT.md, *Digest*; loraflow/digest.py).
+# Files written before it existed have none and still load.
+KEY_DIGEST = "loraflow.digest"
+DIGEST_PREFIX = "sha256:"
 
 # Per adapted base weight `blk.{bid}.{module}.weight`:
 #   flow_a  ggml [n_in, R]  (numpy [R, n_in]),  rows of adapter 0, then 1, ...

@@ -16,9 +16,14 @@ Kinds:
     nan         NaN and infinity in gates and LoRA tensors (F32, F16, Q8_0)
     base        made for another base: arch, layer count, hidden size
     meta        required keys missing or of the wrong type
+    data        what only the digest (loraflow.digest) tells: a byte flipped in tensor data (the
+                first tensor, gates, LoRA halves, the last byte), in a metadata value the rules
+                accept either way (an alpha, a scale, a name, the temperature), two tensors'
+                names swapped, the digest itself changed or of the wrong form
 
-Files are rewritten with gguf-py's writer (a consistent file with one thing wrong) or patched
-byte by byte (a header that lies). Every name comes from loraflow.schema.
+Files are rewritten with gguf-py's writer (a consistent file with one thing wrong, its digest
+computed afresh, as a buggy writer would) or patched byte by byte (a header that lies, or bytes
+that changed after writing: the digest no longer matches). Every name comes from loraflow.schema.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ class Case:
     path: str
     expect: str = ""   # a fragment the runtime's message must hold ("" = the file name only)
     needs_base: bool = False  # only a reader that has the base model can tell (the Python reader may accept it)
+    digest_only: bool = False  # only the digest can tell: the C++ loader alone accepts it
 
 
-KINDS = ("truncated", "header", "type", "shape", "k", "names", "nan", "base", "meta")
+KINDS = ("truncated", "header", "type", "shape", "k", "names", "nan", "base", "meta", "data")
 
 # ---- rewriting with gguf-py ------------------------------------------------------------------
 
@@ -68,13 +74,17 @@ def read_good(path):
     return kv, tensors
 
 
-def write(dst, kv, tensors):
-    """Write a GGUF from (kv, tensors) as read_good returns them; kv values may be _DROP."""
+def write(dst, kv, tensors, digest=True):
+    """Write a GGUF from (kv, tensors) as read_good returns them; kv values may be _DROP. With
+    `digest`, the digest of what is written replaces any in kv (the converter's add_digest);
+    without, kv's digest key (if any) is written as it is."""
+    from loraflow.digest import add_digest
+
     arch = kv.get(schema.KEY_GENERAL_ARCH, ("llama",))[0]
     w = gguf.GGUFWriter(str(dst), arch if isinstance(arch, str) else "llama")
     w.kv_data[0].pop(schema.KEY_GENERAL_ARCH, None)  # written below with its (maybe wrong) type
     for key, (value, vtype, sub) in kv.items():
-        if value is _DROP:
+        if value is _DROP or (digest and key == schema.KEY_DIGEST):
             continue
         w.add_key_value(key, value, vtype, sub_type=sub)
     for name, (data, ttype) in tensors.items():
@@ -82,6 +92,8 @@ def write(dst, kv, tensors):
             w.add_tensor(name, data)
         else:  # raw bytes: rows of bytes, the writer derives the element shape from the type
             w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=ttype)
+    if digest:
+        add_digest(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -166,13 +178,13 @@ def make_corpus(good, out_dir, n_layer: int, n_embd: int) -> list[Case]:
     gw_last = schema.TENSOR_GATE_WEIGHT.format(bid=n_layer - 1)
     cases: list[Case] = []
 
-    def add_bytes(kind, name, content: bytes, expect=""):
+    def add_bytes(kind, name, content: bytes, expect="", digest_only=False):
         path = out_dir / f"{kind}-{name}.gguf"
         path.write_bytes(content)
-        cases.append(Case(f"{kind}-{name}", kind, str(path), expect))
+        cases.append(Case(f"{kind}-{name}", kind, str(path), expect, digest_only=digest_only))
 
     def add(kind, name, expect="", kv_set=None, drop_kv=(), drop=(), replace=None, extra=None, order=None,
-            needs_base=False):
+            needs_base=False, digest=True, digest_only=False):
         """A consistent file from the good one with keys set/dropped and tensors dropped/replaced/added."""
         kv2 = dict(kv)
         for key, v in (kv_set or {}).items():
@@ -185,8 +197,9 @@ def make_corpus(good, out_dir, n_layer: int, n_embd: int) -> list[Case]:
         if order:
             t2 = {n: t2[n] for n in order(list(t2))}
         path = out_dir / f"{kind}-{name}.gguf"
-        write(path, kv2, t2)
-        cases.append(Case(f"{kind}-{name}", kind, str(path), expect, needs_base or kind in ("nan", "base")))
+        write(path, kv2, t2, digest=digest)
+        cases.append(Case(f"{kind}-{name}", kind, str(path), expect, needs_base or kind in ("nan", "base"),
+                          digest_only))
 
     def f32(*shape, fill=0.0):
         return np.full(shape, fill, dtype=np.float32), QT.F32
@@ -408,6 +421,58 @@ def make_corpus(good, out_dir, n_layer: int, n_embd: int) -> list[Case]:
         for value2, vtype2, sub2 in wrong:
             tname = vtype2.name + (f"-{sub2.name}" if sub2 is not None else "")
             add("meta", f"{key}-as-{tname}", key, kv_set={key: (value2, vtype2, sub2)})
+
+    # data: bytes changed after writing where no rule of the format can see it (every one of these
+    # loads through the C++ loader alone); the digest must refuse them all
+    from loraflow.gguf_read import read_header
+
+    if schema.KEY_DIGEST not in kv:
+        raise ValueError(f"{good}: the good file has no {schema.KEY_DIGEST}")
+    infos = read_header(good).tensors
+
+    def flipped(pos: int, mask: int = 0x01) -> bytes:
+        buf = bytearray(data)
+        buf[pos] ^= mask
+        return bytes(buf)
+
+    def flip_data(name, what, pos):  # the lowest bit of a byte: a weight that changes a little
+        add_bytes("data", f"flip-{what}-{name}", flipped(pos), "digest mismatch", digest_only=True)
+
+    first, last = next(iter(infos.values())), list(infos.values())[-1]
+    flip_data(first.name, "first-byte", first.offset)
+    for name in (gb0, gw_last, a0, b0):
+        flip_data(name, "middle", infos[name].offset + infos[name].nbytes // 2)
+    flip_data(last.name, "last-byte", last.offset + last.nbytes - 1)
+    offsets = {desc: off for desc, off, _ in fields}
+    for key in (f"{schema.KEY_ADAPTER_ALPHAS}[0]", f"{schema.KEY_ADAPTER_SCALES}[{k - 1}]",
+                schema.KEY_GATE_TEMPERATURE):
+        add_bytes("data", f"flip-{key}", flipped(offsets[key]), "digest mismatch", digest_only=True)
+    # a name's first letter, one bit off (another valid, unique name: 'math' -> 'lath')
+    add_bytes("data", f"flip-{schema.KEY_ADAPTER_NAMES}[{k - 1}]",
+              flipped(offsets[f"{schema.KEY_ADAPTER_NAMES}[{k - 1}] length"] + 8), "digest mismatch", digest_only=True)
+    # two tensors of one shape trade names (layer 0's gate or LoRA gets the last layer's data)
+    for x in (gw0, a0):
+        y = x.replace("blk.0.", f"blk.{n_layer - 1}.", 1)
+        if y != x and y in infos and len(y) == len(x):
+            i, j = data.index(x.encode()), data.index(y.encode())  # in the tensor infos
+            buf = bytearray(data)
+            buf[i:i + len(x)], buf[j:j + len(y)] = y.encode(), x.encode()
+            add_bytes("data", f"swapped-{x}-{y}", bytes(buf), "digest mismatch", digest_only=True)
+    # the digest itself: one hex digit changed, or a value of the wrong form
+    at = data.index(kv[schema.KEY_DIGEST][0].encode()) + len(schema.DIGEST_PREFIX)
+    digit = b"1" if data[at:at + 1] != b"1" else b"2"
+    add_bytes("data", "digest-one-digit-changed", data[:at] + digit + data[at + 1:], "digest mismatch",
+              digest_only=True)
+    hex64 = kv[schema.KEY_DIGEST][0][len(schema.DIGEST_PREFIX):]
+    for slug, value in (("md5", (f"md5:{hex64[:32]}", VT.STRING, None)),
+                        ("no-prefix", (hex64, VT.STRING, None)),
+                        ("63-digits", (schema.DIGEST_PREFIX + hex64[:63], VT.STRING, None)),
+                        ("uppercase", (schema.DIGEST_PREFIX + hex64.upper().replace("0", "A"), VT.STRING, None)),
+                        ("empty", ("", VT.STRING, None)),
+                        ("uint32", (7, VT.UINT32, None)),
+                        ("array", ([kv[schema.KEY_DIGEST][0]], VT.ARRAY, VT.STRING))):
+        add("data", f"digest-{slug}", schema.KEY_DIGEST, kv_set={schema.KEY_DIGEST: value}, digest=False,
+            digest_only=True)
     return cases
 
 
@@ -415,15 +480,17 @@ def make_corpus(good, out_dir, n_layer: int, n_embd: int) -> list[Case]:
 
 def worker(base: str, cases_json: str, start: int) -> None:
     """Load cases[start:] one after the other against `base`, through the runtime (FlowLlama.set_flow:
-    FlowAdapter, then the C++ loader) and the Python reader (`loraflow-convert inspect`), and print
-    one JSON line when a case starts and one with its outcomes. A crash shows as a start line
-    without an outcome line."""
+    FlowAdapter: the C++ loader, then the digest), the C++ loader alone (FlowAdapter with
+    check_digest=False) and the Python reader (`loraflow-convert inspect`, then `inspect --verify`'s
+    check_digest), and print one JSON line when a case starts and one with its outcomes. A crash
+    shows as a start line without an outcome line."""
     import json
 
     from loraflow.converter.flow_file import read_flow_file
     from loraflow.converter.summary import inspect_gguf
+    from loraflow.digest import check_digest
     from loraflow.errors import LoraFlowError
-    from loraflow.runtime import FlowLlama
+    from loraflow.runtime import FlowAdapter, FlowLlama
 
     def outcome(fn):
         try:
@@ -442,8 +509,9 @@ def worker(base: str, cases_json: str, start: int) -> None:
         runtime = outcome(lambda: llm.set_flow(path))
         if runtime["ok"]:
             llm._detach()
-        python = outcome(lambda: (read_flow_file(path), inspect_gguf(path)))
-        print(json.dumps({"i": i, "runtime": runtime, "python": python}), flush=True)
+        native = outcome(lambda: FlowAdapter(llm.model, path, check_digest=False).free())
+        python = outcome(lambda: (read_flow_file(path), inspect_gguf(path), check_digest(path)))
+        print(json.dumps({"i": i, "runtime": runtime, "native": native, "python": python}), flush=True)
     llm.close()
 
 

@@ -1,7 +1,9 @@
 """Flow files gone wrong (tests/bad_flow_files.py: truncated, corrupt headers, wrong types and
 shapes, k that disagrees, names repeated or missing, NaN and infinity, another base, metadata of
-the wrong type): every one is refused with a FormatError that names the file, by the runtime's
-loader and by the Python reader, in a process that then exits normally. No abort, no crash."""
+the wrong type, bytes changed after writing): every one is refused with a FormatError that names
+the file, by the runtime's loader and by the Python reader, in a process that then exits
+normally. No abort, no crash, and none loads silently: the files only the digest can tell from
+the good one (the C++ loader alone accepts them) are refused by it."""
 
 from __future__ import annotations
 
@@ -105,4 +107,26 @@ def test_python_reader_refuses_or_reads(corpus):
             bad.append(f"{case.name}: accepted")
         elif not r["ok"] and (not r["lf"] or Path(case.path).name not in r["message"]):
             bad.append(f"{case.name}: {r['error']}: {r['message']!r} (expected a LoraFlowError naming the file)")
+    assert not bad, f"{len(bad)} of {len(corpus['cases'])}:\n" + "\n".join(bad)
+
+
+def test_only_the_digest_tells_the_data_cases(corpus):
+    """The C++ loader alone (FlowAdapter(check_digest=False)) refuses every case but those marked
+    digest_only, and accepts those: without the digest they would load and compute other numbers."""
+    bad, silent = [], 0
+    for i, case in enumerate(corpus["cases"]):
+        r = corpus["results"].get(i, {}).get("native")
+        if r is None:
+            continue
+        if case.digest_only:
+            silent += r["ok"]
+            if not r["ok"]:
+                bad.append(f"{case.name}: marked digest_only, but the C++ loader refuses it: {r['message']!r}")
+        elif r["ok"]:
+            bad.append(f"{case.name}: the C++ loader alone accepts it")
+        elif r["error"] != "FormatError" or Path(case.path).name not in r["message"]:
+            bad.append(f"{case.name}: {r['error']}: {r['message']!r} (expected a FormatError naming the file)")
+    digest_only = sum(c.digest_only for c in corpus["cases"])
+    print(f"\n{silent} of {digest_only} digest-only files load through the C++ loader alone")
+    assert digest_only >= 15
     assert not bad, f"{len(bad)} of {len(corpus['cases'])}:\n" + "\n".join(bad)

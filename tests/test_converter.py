@@ -23,6 +23,7 @@ from loraflow import schema
 from loraflow.converter import convert_base, convert_flow
 from loraflow.converter.base_info import read_base_info, read_gguf_header
 from loraflow.converter.cli import main as cli
+from loraflow.digest import file_digest
 from loraflow.errors import ConversionError, FormatError, LoraFlowError
 
 NAMES = ["math", "code"]
@@ -178,6 +179,7 @@ def test_flow_f32_round_trip(setup):
         schema.KEY_ADAPTER_SCALES: (pytest.approx([2.0, rslora_scale]), [V.ARRAY, V.FLOAT32]),
         schema.KEY_GATE_TEMPERATURE: (pytest.approx(0.7), [V.FLOAT32]),
         schema.KEY_GATE_INPUT: (schema.GATE_INPUT, [V.STRING]),
+        schema.KEY_DIGEST: (file_digest(out)[1], [V.STRING]),  # what the file hashes to (tests/test_digest.py)
     }
 
     expected = expected_flow(m, adapters)
