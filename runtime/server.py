@@ -942,7 +942,7 @@ class BatchedServing:
             except Exception as e:  # noqa: BLE001 - reported to the client
                 put(("error", e))
 
-        key = self.life.enter(lambda: (request.cancel(), put(("abort", None))))
+        key = self.life.enter(lambda: (put(("abort", None)), request.cancel()))
         threading.Thread(target=pump, name="loraflow-stream", daemon=True).start()
         rid = f"{'chatcmpl' if plan.chat else 'cmpl'}-{uuid.uuid4().hex}"
         t = int(time.time())
@@ -973,6 +973,9 @@ class BatchedServing:
                         sent = max(sent, upto)
                         yield _sse(self.chunk(plan, rid, t, text, None, first, logprobs, trace))
                         first = False
+                    elif kind == "end" and request.finish_reason is None and self.life.aborted:
+                        yield _sse(error_body(SHUTTING_DOWN, type_="server_error", code="shutting_down"))
+                        break
                     elif kind == "end":
                         logprobs, trace = extras(sent, len(request.generated), first, final=True)
                         yield _sse(self.chunk(plan, rid, t, None, request.finish_reason or "stop", first,
