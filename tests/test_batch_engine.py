@@ -1,6 +1,6 @@
 """The batched engine (loraflow.runtime.batch_engine): many requests decoded together, each in
-its own fusion mode, with continuous batching, chunked prompts, stop strings, cancellation and
-KV-cache prefix reuse. Every answer is checked against the same request run alone, greedily, on
+its own fusion mode, with continuous batching, chunked prompts, stop strings, cancellation,
+KV-cache prefix reuse, and per request logprobs, gate traces and grammars. Every answer is checked against the same request run alone, greedily, on
 FlowLlama (llama-cpp-python's own generation loop)."""
 
 from __future__ import annotations
@@ -186,3 +186,69 @@ def test_many_concurrent_clients(setup):
     for i, (p, m, _) in enumerate(jobs):
         assert out[i] == llm.detokenize(refs[(tuple(p), m)]).decode("utf-8", errors="replace"), (i, m)
     assert np.all([o is not None for o in out])
+
+
+def test_logprobs_gates_and_grammar_per_request(setup):
+    """In one batch: a request with logprobs (and the prompt's), one tracing the gate after
+    steps without recording, one under a grammar, one plain; each gets its own, and the plain
+    one its solo answer. Logprobs against FlowLlama's logits (logits_all), gates against
+    FlowLlama's records."""
+    from llama_cpp import llama_grammar
+
+    from loraflow.runtime import FlowLlama
+
+    llm, prompts = setup["llm"], setup["prompts"]
+    p_lp, p_tr, p_gr, p_plain = prompts[0], prompts[2], prompts[3], prompts[1]
+    ref_lp = solo(llm, p_lp, "dynamic", None, 6)
+    ref_plain = solo(llm, p_plain, "average", None, 6)
+    ref_tr = solo(llm, p_tr, "dynamic", None, 6)
+    engine = BatchEngine(llm, n_parallel=4, n_ctx=4 * 128)
+    try:
+        warm = engine.submit(p_tr, "dynamic", max_tokens=3, sampling=GREEDY)   # a graph laid out without gates
+        warm.result(timeout=60)
+        with engine.lock:
+            a = engine.submit(p_lp, "dynamic", max_tokens=6, sampling=GREEDY, logprobs=3, prompt_logprobs=True)
+            b = engine.submit(p_tr, "dynamic", max_tokens=6, sampling=GREEDY, trace=True)
+            c = engine.submit(p_gr, "single:math", max_tokens=24,
+                              sampling=Sampling(temperature=0.0, grammar=llama_grammar.JSON_GBNF))
+            d = engine.submit(p_plain, "average", max_tokens=6, sampling=GREEDY)
+        ra, rb, rc, rd = (r.result(timeout=120) for r in (a, b, c, d))
+        with pytest.raises(RequestError) as e:
+            engine.submit(p_plain, sampling=Sampling(grammar="root ::= ("))
+        assert e.value.param == "grammar"
+    finally:
+        engine.close()
+    assert ra.tokens == ref_lp and rd.tokens == ref_plain and rb.tokens == ref_tr
+    # logprobs: the log-softmax of the row that predicted each token (prompt rows too)
+    ref = FlowLlama(llm.model_path, flow_path=llm.flow.path, n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+    try:
+        rows = ref.eval_logits(p_lp + ra.tokens)
+    finally:
+        ref.close()
+    ids = p_lp + ra.tokens
+    infos = a.prompt_token_logprobs + a.token_logprobs
+    assert infos[0] is None and len(infos) == len(ids)
+    for i in range(1, len(ids)):
+        lp = rows[i - 1].astype(np.float64) - np.log(np.exp(rows[i - 1].astype(np.float64) - rows[i - 1].max()).sum()) \
+            - rows[i - 1].max()
+        chosen, top = infos[i]
+        assert abs(chosen - lp[ids[i]]) < 1e-4, i
+        assert [t for t, _ in top] == list(np.argsort(-lp)[:3]), i
+    # gates: FlowLlama's records of the rows that predicted the tokens
+    llm.record_gates(True)
+    try:
+        llm.set_mode("dynamic")
+        llm.clear_gate_log()
+        llm.eval(p_tr + rb.tokens[:-1])
+        want = llm.gate_weights()[len(p_tr) - 1:]
+    finally:
+        llm.record_gates(False)
+        llm.clear_gate_log()
+    assert len(b.gates) == len(rb.tokens) and np.allclose(np.array(b.gates), want, atol=1e-5)
+    assert a.gates == [] and d.token_logprobs == []   # what a request did not ask for is not kept
+    # the grammar: JSON, or a prefix of it when max_tokens ran out
+    if rc.finish_reason == "stop":
+        import json
+
+        json.loads(rc.text)
+    assert rc.text.lstrip()[:1] in ("{", "[", '"', "t", "f", "n", "-") or rc.text.lstrip()[:1].isdigit()
