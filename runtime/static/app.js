@@ -199,7 +199,9 @@
   function newAnswer() {
     const bubble = addBubble("assistant");
     bubble.el.dataset.state = "streaming";
-    return { ...bubble, text: "", tokens: [], traced: false, adapters: state.adapters,
+    const tail = document.createTextNode("");   // text the coloured tokens do not cover (yet)
+    bubble.body.append(tail);
+    return { ...bubble, tail, text: "", joined: "", tokens: [], traced: false, adapters: state.adapters,
              nLayer: state.nLayer, per: null, mode: null, heatmap: null };
   }
 
@@ -211,6 +213,7 @@
       const { mean, layers } = tokenWeights(t.weights);
       const tok = { id: t.id, text: String(t.text ?? ""), mean, layers };
       msg.tokens.push(tok);
+      msg.joined += tok.text;
       const span = document.createElement("span");
       span.className = "tok";
       span.textContent = tok.text;
@@ -220,7 +223,7 @@
       const c = tokenColour(mean);
       if (c) span.style.backgroundColor = css(c);
       else span.classList.add("plain");
-      msg.body.append(span);
+      msg.body.insertBefore(span, msg.tail);
     }
   }
 
@@ -236,9 +239,10 @@
     if (trace && typeof trace === "object") {
       msg.traced = true;
       appendTokens(msg, trace);
-    } else if (content) {
-      msg.body.append(document.createTextNode(content));   // a server without flow_trace
     }
+    // The answer's text past its coloured tokens, uncoloured: all of it from a server without
+    // flow_trace, else what a chunk's text runs ahead of its tokens (they may come a chunk later).
+    msg.tail.textContent = msg.text.startsWith(msg.joined) ? msg.text.slice(msg.joined.length) : "";
   }
 
   async function readEvents(response, onData) {
@@ -338,8 +342,7 @@
     msg.el.dataset.state = "done";
     msg.el.dataset.content = msg.text;
     msg.el.dataset.traced = msg.traced ? "1" : "0";
-    const joined = msg.tokens.map((t) => t.text).join("");
-    if (msg.traced && joined !== msg.text) msg.el.dataset.traceMismatch = "1";
+    if (msg.traced && msg.joined !== msg.text) msg.el.dataset.traceMismatch = "1";
     const bar = document.createElement("div");
     bar.className = "tools";
     if (msg.mode) bar.append(note(msg.mode));
