@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import tempfile
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -45,8 +46,12 @@ def _llama_cpp_converter():
     src = llama_cpp_source_dir()
     # the converters log every tensor, and a config without model_type, which ours may be
     logging.getLogger("hf-to-gguf").setLevel(logging.ERROR)
-    conversion = _import_file("conversion", src / "conversion" / "__init__.py", package=True)
-    return conversion, _import_file("convert_lora_to_gguf", src / "convert_lora_to_gguf.py")
+    with _IMPORTING:  # threads that convert at once must not see a half-imported module
+        conversion = _import_file("conversion", src / "conversion" / "__init__.py", package=True)
+        return conversion, _import_file("convert_lora_to_gguf", src / "convert_lora_to_gguf.py")
+
+
+_IMPORTING = threading.Lock()
 
 
 def _import_file(name: str, path, package: bool = False):

@@ -69,7 +69,10 @@ def test_trace_command(setup, tmp_path):
     rows = rows[1:]
     n_layer = setup["n_layer"]
     assert len(rows) == len(tokens) * n_layer
-    assert [r[1] for r in rows[::n_layer]] == texts
+    # a token's newline is written \n, so that every row is one line of the file
+    assert [r[1] for r in rows[::n_layer]] == [t.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+                                              for t in texts]
+    assert any("\n" in t for t in texts) and len(csv_path.read_text().splitlines()) == len(rows) + 1
     assert [(int(r[0]), int(r[2])) for r in rows] == [(p, l) for p in range(len(tokens)) for l in range(n_layer)]
     from_csv = np.array([[float(x) for x in r[3:]] for r in rows], dtype=np.float32).reshape(len(tokens), n_layer, 2)
     np.testing.assert_array_equal(np.array(data["weights"], dtype=np.float32), from_csv)
