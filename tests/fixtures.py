@@ -19,6 +19,7 @@ and transformers version.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -302,3 +303,30 @@ class TinyModels:
         """`tokenizer="spm"`: a SentencePiece tokenizer for an arch outside SENTENCEPIECE_ARCHS."""
         self.prepare([arch], tokenizer)
         return self._models[arch]
+
+
+@contextlib.contextmanager
+def served(app, host: str = "127.0.0.1", timeout: float = 60):
+    """Serve the ASGI `app` with uvicorn in a thread of this process on a free port; yields its
+    base URL and stops it at the end."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started, "the server did not start"
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

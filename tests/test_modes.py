@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -134,7 +131,7 @@ def post(url, body):
 @pytest.mark.parametrize("parallel", [1, 2])
 def test_a_request_resolves_its_mode_once(llm, monkeypatch, parallel):
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from loraflow.runtime.server import create_app
 
     calls = []
@@ -146,17 +143,10 @@ def test_a_request_resolves_its_mode_once(llm, monkeypatch, parallel):
 
     app = create_app(llm, "tiny", parallel=parallel)
     monkeypatch.setattr(Mode, "resolve", classmethod(counting))   # after the server's own default
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}/v1/completions"
+    from fixtures import served
+
+    with served(app) as base:
+        url = base + "/v1/completions"
         for body, resolves in [(dict(flow_mode="static", flow_weights=[0.3, 0.7]), 1),
                                (dict(flow_mode="single:math"), 1), (dict(), 0),
                                (dict(flow_mode="single:nope"), 1)]:
@@ -164,6 +154,3 @@ def test_a_request_resolves_its_mode_once(llm, monkeypatch, parallel):
             status, out = post(url, dict(prompt="One two", max_tokens=3, temperature=0.0, **body))
             assert status == (400 if "nope" in str(body) else 200), out
             assert len(calls) == resolves, (body, calls)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)

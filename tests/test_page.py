@@ -18,9 +18,6 @@ import json
 import math
 import os
 import shutil
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -76,21 +73,12 @@ def served(tiny_models, tmp_path_factory):
     app = create_app(llm, "tiny", parallel=2, n_ctx=2048)   # create_app adds the page itself
     add_page(app)  # idempotent
     assert sum(getattr(r, "path", None) == "/" for r in app.router.routes) == 1
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    from fixtures import served
+
     try:
-        deadline = time.monotonic() + 60
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started, "the server did not start"
-        yield f"http://{HOST}:{port}", llm.flow.n_layer
+        with served(app, HOST) as url:
+            yield url, llm.flow.n_layer
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         llm.close()
 
 
