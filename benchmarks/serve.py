@@ -2,7 +2,11 @@
 under 1, 2, 4, 8 and 16 concurrent clients, in one run.
 
     python -m benchmarks.serve [--clients 1,2,4,8,16] [--requests 3] [--threads 2] [--repeats 2]
-                               [--out benchmarks/results]
+                               [--configs flow,flow_serial,stock] [--main flow] [--out benchmarks/results]
+
+    # `loraflow serve` as started with its defaults against one at a time, 8 mixed-mode clients:
+    python -m benchmarks.serve --configs flow_default,flow_serial --main flow_default --clients 8 \
+        --workloads mixed --repeats 3
 
 The model is SmolLM2-135M-Instruct Q4_1 with the committed compose flow adapter (a Spanish and a
 math LoRA, rank 8, and trained gates); every request asks for 48 greedy tokens of a different
@@ -10,6 +14,8 @@ prompt, streamed, with `ignore_eos` (llama.cpp's server field, loraflow serve's 
 answer has its 48 tokens whatever the mode. Servers, each started fresh on a free loopback port:
 
 - `flow`: `loraflow serve --parallel N` (continuous batching, each request in its own mode);
+- `flow_default`: `loraflow serve` with its defaults (4 slots of 2048 tokens, llama-cpp-python's
+  threads), whatever --threads says;
 - `flow_serial`: `loraflow serve --parallel 1` (one request at a time, as before);
 - `stock`: stock llama.cpp's `llama-server -np N`, built from the same pinned source without our
   patch (runtime/native/build.py --llama-server; minutes, once), the two LoRAs exported from the
@@ -23,7 +29,8 @@ decode tokens/s (completion tokens of all requests over the wall time), the rati
 flow_serial and stock at the same load, and flow's median time to first token against a lone
 request's (1 client), for the opening burst (every client's first request, all sent at once) and
 for the later requests (each sent when its client's previous answer ended, while the others
-decode); markdown table and JSON.
+decode), and how many answers equal flow_serial's for the same request (greedy: the solo
+answer); markdown table and JSON.
 The machine is shared and noisy: the whole sweep runs --repeats times, the servers' order
 rotating each time; the table gives medians over the repeats and the ratios' min-max.
 """
@@ -77,14 +84,18 @@ def wait_up(url: str, proc, log: Path, timeout: float = 180) -> None:
 def start(config: str, n: int, args, files: dict, log: Path):
     port = free_port()
     ctx_per_seq = 512
-    if config in ("flow", "flow_serial"):
+    threads = [] if args.threads == "default" else ["--threads", args.threads]
+    if config == "flow_default":   # nothing but the files and the address
+        cmd = [str(Path(sys.executable).with_name("loraflow")), "serve", "-m", files["base"], "-f", files["flow"],
+               "--host", HOST, "--port", str(port), "--log-level", "warning"]
+    elif config in ("flow", "flow_serial"):
         parallel = n if config == "flow" else 1
         cmd = [str(Path(sys.executable).with_name("loraflow")), "serve", "-m", files["base"], "-f", files["flow"],
-               "--host", HOST, "--port", str(port), "--threads", str(args.threads), "--ctx", str(ctx_per_seq),
+               "--host", HOST, "--port", str(port), *threads, "--ctx", str(ctx_per_seq),
                "--parallel", str(parallel), "--log-level", "warning"]
     else:
         cmd = [files["llama_server"], "-m", files["base"], "--lora", files["lora0"], "--lora", files["lora1"],
-               "--host", HOST, "--port", str(port), "-t", str(args.threads), "-np", str(n),
+               "--host", HOST, "--port", str(port), *(["-t", args.threads] if threads else []), "-np", str(n),
                "-c", str(ctx_per_seq * n), "--no-webui", "--log-disable"]
     out = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -94,13 +105,14 @@ def start(config: str, n: int, args, files: dict, log: Path):
     return proc, url
 
 
-def stream_one(url: str, body: dict) -> tuple[float, int, float]:
-    """(time to first token, completion tokens, total seconds) of one streamed completion."""
+def stream_one(url: str, body: dict) -> tuple[float, int, float, str]:
+    """(time to first token, completion tokens, total seconds, text) of one streamed completion."""
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
     first = finish = None
     n = 0
+    text = []
     with urllib.request.urlopen(req, timeout=600) as resp:
         for raw in resp:
             line = raw.decode().strip()
@@ -110,6 +122,7 @@ def stream_one(url: str, body: dict) -> tuple[float, int, float]:
             choice = (chunk.get("choices") or [{}])[0]
             finish = choice.get("finish_reason") or finish
             if choice.get("text"):
+                text.append(choice["text"])
                 n += 1
                 if first is None:
                     first = time.perf_counter() - t0
@@ -117,7 +130,7 @@ def stream_one(url: str, body: dict) -> tuple[float, int, float]:
     # hold several, when a server keeps back part of a character or a possible stop string)
     if finish == "length":
         n = body["max_tokens"]
-    return first if first is not None else float("nan"), n, time.perf_counter() - t0
+    return first if first is not None else float("nan"), n, time.perf_counter() - t0, "".join(text)
 
 
 def body_for(config: str, workload: str, i: int, prompt: str) -> dict:
@@ -134,14 +147,16 @@ def body_for(config: str, workload: str, i: int, prompt: str) -> dict:
 def load(url: str, config: str, workload: str, n_clients: int, n_requests: int) -> dict:
     texts = prompts(n_clients * n_requests)
     results = []
+    answers = {}
     lock = threading.Lock()
 
     def client(c):
         for r in range(n_requests):
             i = c * n_requests + r
-            res = stream_one(url, body_for(config, workload, i, texts[i]))
+            *res, answer = stream_one(url, body_for(config, workload, i, texts[i]))
             with lock:
                 results.append((r, *res))
+                answers[i] = answer
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
@@ -154,7 +169,8 @@ def load(url: str, config: str, workload: str, n_clients: int, n_requests: int) 
     burst = [t for r, t, _, _ in results if r == 0]
     later = [t for r, t, _, _ in results if r > 0] or burst
     return dict(tok_s=tokens / wall, ttft_median=statistics.median(t for _, t, _, _ in results),
-                ttft_burst=statistics.median(burst), ttft_later=statistics.median(later), tokens=tokens, wall=wall)
+                ttft_burst=statistics.median(burst), ttft_later=statistics.median(later), tokens=tokens, wall=wall,
+                answers=[answers[i] for i in sorted(answers)])
 
 
 def prepare_files(with_stock: bool) -> dict:
@@ -183,9 +199,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="1,2,4,8,16")
     ap.add_argument("--requests", type=int, default=3, help="requests each client sends, one after another")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="CPU threads of every server; 'default': their own choice")
     ap.add_argument("--repeats", type=int, default=2, help="times the whole sweep runs (servers' order rotated)")
-    ap.add_argument("--configs", default="flow,flow_serial,stock")
+    ap.add_argument("--configs", default="flow,flow_serial,stock", help="of flow, flow_default, flow_serial, stock")
+    ap.add_argument("--main", default="flow", help="the configuration the ratios and answers are of")
     ap.add_argument("--workloads", default="same,mixed")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -212,28 +229,38 @@ def main() -> int:
                     proc.wait(30)
     med = {key: {m: statistics.median(r[m] for r in rs) for m in ("tok_s", "ttft_median", "ttft_burst", "ttft_later")}
            for key, rs in runs.items()}
+    main_ = args.main
     lines = ["| workload | clients | " + " | ".join(f"{c} tok/s" for c in configs) +
-             " | flow / flow_serial | flow / stock | flow TTFT burst, later | TTFT / 1 client: burst, later |",
-             "|---|---:|" + "---:|" * (len(configs) + 4)]
+             f" | {main_} / flow_serial | {main_} / stock | {main_} TTFT burst, later | TTFT / 1 client: burst, later"
+             f" | answers = flow_serial's |",
+             "|---|---:|" + "---:|" * (len(configs) + 5)]
     for workload in args.workloads.split(","):
         for n in clients:
             cells = [f"{med[(c, workload, n)]['tok_s']:.1f}" for c in configs]
-            flow = med.get(("flow", workload, n))
+            flow = med.get((main_, workload, n))
 
             def ratio(other):
                 """median ratio (min-max over the repeats, run i against run i)"""
-                a, b = runs.get(("flow", workload, n)), runs.get((other, workload, n))
+                a, b = runs.get((main_, workload, n)), runs.get((other, workload, n))
                 if not a or not b:
                     return "-"
                 each = [x["tok_s"] / y["tok_s"] for x, y in zip(a, b)]
                 return f"{statistics.median(each):.2f}x ({min(each):.2f}-{max(each):.2f})"
 
-            solo = med.get(("flow", workload, 1))
+            def same_answers():
+                """answers equal to the one-at-a-time server's for the same request, over all repeats"""
+                a, b = runs.get((main_, workload, n)), runs.get(("flow_serial", workload, n))
+                if not a or not b or main_ == "flow_serial":
+                    return "-"
+                pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra["answers"], rb["answers"])]
+                return f"{sum(x == y for x, y in pairs)}/{len(pairs)}"
+
+            solo = med.get((main_, workload, 1))
             ttft = f"{flow['ttft_burst'] * 1000:.0f}, {flow['ttft_later'] * 1000:.0f} ms" if flow else "-"
             ttft_ratio = (f"{flow['ttft_burst'] / solo['ttft_median']:.2f}x, "
                           f"{flow['ttft_later'] / solo['ttft_median']:.2f}x") if flow and solo else "-"
             lines.append(f"| {workload} | {n} | " + " | ".join(cells) + f" | {ratio('flow_serial')} | "
-                         f"{ratio('stock')} | {ttft} | {ttft_ratio} |")
+                         f"{ratio('stock')} | {ttft} | {ttft_ratio} | {same_answers()} |")
     report = "\n".join(lines)
     print("\n" + report)
     (out / "serve.md").write_text(report + "\n")
