@@ -605,6 +605,15 @@ class OneAtATime:
                              "--logits-all, or batched (--parallel > 1)", "logprobs")
         if plan.echo and plan.stream and plan.logprobs is not None:
             raise BadRequest("echo with logprobs in a stream is served only when batched (--parallel > 1)", "echo")
+        if plan.chat and has_chat_template(self.llm):   # the template's complaints are the request's, not a 500
+            try:
+                chat_prompt(self.llm, plan.messages)
+            except LoraFlowError as e:
+                raise BadRequest(str(e), "messages") from None
+        if isinstance(plan.prompt, list):
+            n_vocab = self.llm.n_vocab()
+            if any(not isinstance(t, int) or not 0 <= t < n_vocab for t in plan.prompt):
+                raise BadRequest(f"prompt token ids must be in [0, {n_vocab})", "prompt")
 
     def kwargs(self, plan: Plan) -> dict:
         kw = dict(max_tokens=plan.max_tokens, stop=plan.stops, stream=plan.stream,

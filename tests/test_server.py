@@ -601,3 +601,23 @@ def test_openai_client(server):
     assert len(toks) == 6 and all(len(t["weights"]) == 2 for t in toks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "".join(t["text"] for t in toks) == text
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", dict(messages=[{"role": "user"}])),
+    ("/v1/chat/completions", dict(messages=[{"content": "hi"}])),
+    ("/v1/chat/completions", dict(messages=["hi"])),
+    ("/v1/chat/completions", dict(messages=MESSAGES, response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}})),
+    ("/v1/chat/completions", dict(messages=MESSAGES, response_format="json")),
+    ("/v1/chat/completions", dict(messages=MESSAGES, logit_bias={"5": "much"})),
+    ("/v1/chat/completions", dict(messages=MESSAGES, stream_options={"include_usage": True, "x": 1}, stream=True)),
+    ("/v1/completions", dict(prompt=[10**9])),
+    ("/v1/completions", dict(prompt=["a", "b"])),
+    ("/v1/completions", dict(prompt="Hi", logprobs=99)),
+    ("/v1/completions", dict(prompt="Hi", stop=5)),
+])
+def test_malformed_requests_are_400_not_500(server, path, body):
+    status, out = post(server["url"] + path, dict(max_tokens=2, **body))
+    assert status == 400, out
+    assert out["error"]["type"] == "invalid_request_error" and out["error"]["message"], out
