@@ -30,42 +30,12 @@ def header_only_base(name: str, out: Path) -> Path:
     data: the file is extended to its full size as a hole."""
     if out.exists():
         return out
-    import gguf
-    import numpy as np
-
     from benchmarks import shapes
 
-    shapes.Q = gguf.GGMLQuantizationType
-    s = shapes.SHAPES[name]
     tmp = out.with_name(out.name + ".partial")
-    w = gguf.GGUFWriter(str(tmp), s.arch)
-    w.add_name(f"random {name} (loraflow benchmarks, header only)")
-    w.add_context_length(8192)
-    w.add_embedding_length(s.n_embd)
-    w.add_block_count(s.n_layer)
-    w.add_feed_forward_length(s.n_ff)
-    w.add_head_count(s.n_head)
-    w.add_head_count_kv(s.n_head_kv)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_rope_freq_base(s.rope_base)
-    w.add_layer_norm_rms_eps(s.rms_eps)
-    w.add_vocab_size(s.n_vocab)
-    total = 0
-    for tname, gshape, qtype in shapes.tensors(s):  # as shapes.write_shape declares them
-        if qtype == shapes.Q.F32:
-            nbytes = int(np.prod(gshape)) * 4
-            w.add_tensor_info(tname, gshape[::-1], np.dtype(np.float32), nbytes)
-        else:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            nbytes = gshape[1] * gshape[0] // block * size
-            w.add_tensor_info(tname, (gshape[1], gshape[0] // block * size), np.dtype(np.uint8), nbytes,
-                              raw_dtype=qtype)
-        total += -(-nbytes // 32) * 32
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
+    w, plan = shapes.write_header(name, tmp, "loraflow benchmarks, header only")
     w.close()
+    total = sum(-(-shapes.data_bytes(gshape, qtype) // 32) * 32 for _, gshape, qtype in plan)
     size = tmp.stat().st_size
     os.truncate(tmp, -(-size // 32) * 32 + total)
     tmp.replace(out)

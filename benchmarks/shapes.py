@@ -95,18 +95,26 @@ def random_blocks(ggml_shape, qtype, rng) -> np.ndarray:
     return data.reshape(n_out, -1)
 
 
-def write_shape(name: str, out: Path) -> Path:
-    """The GGUF of shape `name` at `out` (written to a temporary name, then moved)."""
+def data_bytes(ggml_shape, qtype) -> int:
+    """Bytes of one tensor's data in the file."""
+    import gguf
+
+    if qtype == Q.F32:
+        return int(np.prod(ggml_shape)) * 4
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return ggml_shape[1] * ggml_shape[0] // block * size
+
+
+def write_header(name: str, path: Path, label: str = "loraflow benchmarks"):
+    """Write the metadata and tensor infos of shape `name` to `path`; returns the open writer (its
+    tensor data still to write, in the order of the plan) and the plan: tensors(shape)."""
     global Q
     import gguf
 
-    from tqdm import tqdm
-
     Q = gguf.GGMLQuantizationType
     shape = SHAPES[name]
-    tmp = out.with_name(out.name + ".partial")
-    w = gguf.GGUFWriter(str(tmp), shape.arch)
-    w.add_name(f"random {name} (loraflow benchmarks)")
+    w = gguf.GGUFWriter(str(path), shape.arch)
+    w.add_name(f"random {name} ({label})")
     w.add_file_type(FILE_TYPE_Q4_K_M)
     w.add_context_length(8192)
     w.add_embedding_length(shape.n_embd)
@@ -133,15 +141,23 @@ def write_shape(name: str, out: Path) -> Path:
     w.add_eos_token_id(2)
     plan = list(tensors(shape))
     for tname, gshape, qtype in plan:
+        nbytes = data_bytes(gshape, qtype)
         if qtype == Q.F32:
-            w.add_tensor_info(tname, gshape[::-1], np.dtype(np.float32), int(np.prod(gshape)) * 4)
+            w.add_tensor_info(tname, gshape[::-1], np.dtype(np.float32), nbytes)
         else:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            w.add_tensor_info(tname, (gshape[1], gshape[0] // block * size), np.dtype(np.uint8),
-                              gshape[1] * gshape[0] // block * size, raw_dtype=qtype)
+            w.add_tensor_info(tname, (gshape[1], nbytes // gshape[1]), np.dtype(np.uint8), nbytes, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
+    return w, plan
+
+
+def write_shape(name: str, out: Path) -> Path:
+    """The GGUF of shape `name` at `out` (written to a temporary name, then moved)."""
+    from tqdm import tqdm
+
+    tmp = out.with_name(out.name + ".partial")
+    w, plan = write_header(name, tmp)
     rng = np.random.default_rng(0)
     for tname, gshape, qtype in tqdm(plan, desc=f"writing {name}", unit="tensor", file=sys.stderr):
         if qtype == Q.F32:
