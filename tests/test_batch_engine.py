@@ -39,14 +39,10 @@ def setup(tiny_models, tmp_path_factory):
 
 def solo(llm, tokens, mode, weights, n):
     """The request alone: FlowLlama's greedy completion in that mode, as token ids."""
+    from loraflow.gate_training.evaluate import generate_runtime
+
     llm.set_mode(mode, weights)
-    out = []
-    for token in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
-        if llm.is_eog(token):
-            break
-        out.append(token)
-        if len(out) == n:
-            break
+    out = generate_runtime(llm, [tokens], n)[0]
     llm.set_mode("dynamic")
     return out
 

@@ -421,14 +421,10 @@ def traced(llm, tokens, mode, weights, n):
     assert llm.recording
     llm.set_mode(mode, weights)
     llm.clear_gate_log()
-    out = []
+    from loraflow.gate_training.evaluate import generate_runtime
+
     try:
-        for token in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
-            if llm.is_eog(token):
-                break
-            out.append(token)
-            if len(out) == n:
-                break
+        out = generate_runtime(llm, [tokens], n)[0]
         gates = llm.gate_weights()
     finally:
         llm.clear_gate_log()
@@ -449,8 +445,6 @@ def trace_of_stream(events):
 def test_flow_trace_completion(server, mode, weights, per, stream):
     """flow_trace: every generated token with the weights the gate computed at the position that
     predicted it, as FlowLlama records them."""
-    from loraflow.runtime.prompts import chat_prompt  # noqa: F401 - the chat test below
-
     llm = server["llm"]
     tokens = llm.tokenize(PROMPT.encode(), special=True)
     ids, gates = traced(llm, tokens, mode, weights, 8)
