@@ -63,6 +63,19 @@ def token_logprobs(logits: np.ndarray, token: int, n: int) -> TokenLogprobs:
     return float(lp[token]), top
 
 
+def split_utf8(data: bytes, final: bool) -> tuple[str, bytes]:
+    """The text of `data` and the bytes held back: an incomplete UTF-8 character at its end, which
+    the next token's bytes may complete (none when `final`: what is left is decoded as it is)."""
+    cut = len(data)
+    while not final and cut > 0:
+        try:
+            data[:cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            cut -= 1
+    return data[:cut].decode("utf-8", errors="replace"), data[cut:]
+
+
 class RequestError(LoraFlowError):
     """A request the engine cannot run (too long for a slot, a bad prompt, ...); `param` names
     the field at fault."""
@@ -493,15 +506,8 @@ class BatchEngine:
         """Emit the text decoded so far, keeping back an incomplete UTF-8 character and whatever
         could still become a stop string; True when a stop string was met (the text ends before it)."""
         request = slot.request
-        cut = len(slot.held)
-        while not final and cut > 0:
-            try:
-                slot.held[:cut].decode("utf-8")
-                break
-            except UnicodeDecodeError:
-                cut -= 1
-        text = slot.unsent + slot.held[:cut].decode("utf-8", errors="replace")
-        slot.held = slot.held[cut:]
+        text, slot.held = split_utf8(slot.held, final)
+        text = slot.unsent + text
         decoded = slot.n_bytes - len(slot.held)          # bytes of the generated text decoded so far
         for stop in request.stop:
             i = text.find(stop)

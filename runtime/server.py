@@ -47,6 +47,7 @@ import numpy as np
 
 from loraflow.errors import LoraFlowError
 from loraflow.modes import Mode, ModeError, parse_weights
+from loraflow.runtime.batch_engine import split_utf8
 from loraflow.runtime.prompts import chat_prompt, has_chat_template
 from loraflow.runtime.sampling import Sampling
 
@@ -263,7 +264,7 @@ def make_plan(req: _Common, mode: Mode, n_vocab: int, model=None) -> Plan:
         logprobs, max_tokens = req.logprobs, req.max_tokens
     options = req.stream_options or {}
     if set(options) - {"include_usage"}:
-        raise BadRequest(f"stream_options: only include_usage is supported", "stream_options")
+        raise BadRequest("stream_options: only include_usage is supported", "stream_options")
     if options and not req.stream:
         raise BadRequest("stream_options needs stream: true", "stream_options")
     sampling = Sampling(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
@@ -377,16 +378,8 @@ class TraceWriter:
     def tokens(self, ids, gates, final: bool = False) -> List[dict]:
         out = []
         for n, (token, gate) in enumerate(zip(ids, gates)):
-            self._held += self.llm.detokenize([token])
-            cut = len(self._held)
-            last = final and n == len(ids) - 1
-            while not last and cut > 0:
-                try:
-                    self._held[:cut].decode("utf-8")
-                    break
-                except UnicodeDecodeError:
-                    cut -= 1
-            text, self._held = self._held[:cut].decode("utf-8", errors="replace"), self._held[cut:]
+            text, self._held = split_utf8(self._held + self.llm.detokenize([token]),
+                                          final and n == len(ids) - 1)
             if gate is None:
                 weights = None
             else:
