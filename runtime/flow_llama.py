@@ -25,7 +25,7 @@ from loraflow.runtime.adapter import FlowAdapter
 def set_native_mode(ctx, mode: Mode, seq_id: Optional[int] = None) -> None:
     """Set a resolved fusion mode on a llama_context: the context's (every sequence without its
     own), or sequence `seq_id`'s."""
-    buf = mode.weights if mode.weights is None else mode.weights.ravel()
+    buf = None if mode.weights is None else mode.weights.ravel()
     ptr = None if buf is None else buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     n = 0 if buf is None else buf.size
     rc = B.llama_flow_set_mode(ctx, mode.code, ptr, n) if seq_id is None else \
