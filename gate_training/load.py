@@ -1,5 +1,6 @@
-"""Loading what training and evaluation start from: the base model (a Hugging Face folder or a
-GGUF file, which transformers dequantizes), its tokenizer, and the FlowModel over k PEFT LoRAs."""
+"""Loading what training and evaluation start from: the base model (a Hugging Face folder, or a
+GGUF file: dequantized by transformers, or with `quantized` its linear weights kept in their GGUF
+blocks, gate_training/quantized.py), its tokenizer, and the FlowModel over k PEFT LoRAs."""
 
 from __future__ import annotations
 
@@ -8,18 +9,28 @@ from pathlib import Path
 from loraflow.errors import LoraFlowError
 
 DTYPES = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def pick_device(device: str = "auto") -> str:
+    """auto: cuda if torch has a CUDA device, else mps (Apple GPUs) if it has that, else cpu."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise LoraFlowError(f"device {device!r}: choose cpu, cuda or auto")
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if device not in DEVICES:
+        raise LoraFlowError(f"device {device!r}: choose {', '.join(DEVICES[1:])} or auto")
     if device == "cuda" and not torch.cuda.is_available():
         raise LoraFlowError("device cuda: no CUDA device (or torch was built without CUDA)")
+    if device == "mps" and not mps:
+        raise LoraFlowError("device mps: no Apple GPU (or torch was built without MPS)")
     return device
+
+
+def is_gguf(base) -> bool:
+    path = Path(base)
+    return path.is_file() and path.suffix.lower() == ".gguf"
 
 
 def torch_dtype(dtype: str):
@@ -53,10 +64,15 @@ def load_tokenizer(base):
     return tok
 
 
-def load_model(base, dtype: str = "fp32", device: str = "cpu"):
-    """The causal LM, frozen, in eval mode, on `device`."""
+def load_model(base, dtype: str = "fp32", device: str = "cpu", quantized: bool = False):
+    """The causal LM, frozen, in eval mode, on `device`. With `quantized` and a GGUF base, its
+    linear weights and token embedding stay GGUF blocks, dequantized just in time."""
     from transformers import AutoModelForCausalLM
 
+    if quantized and is_gguf(base):
+        from loraflow.gate_training.quantized import load_quantized_model
+
+        return load_quantized_model(base, torch_dtype(dtype)).to(device)
     folder, kw = model_source(base)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), **kw)
@@ -66,9 +82,10 @@ def load_model(base, dtype: str = "fp32", device: str = "cpu"):
 
 
 def load_flow_model(base, adapters, dtype: str = "fp32", device: str = "cpu", temperature: float = 1.0,
-                    init_adapter: str | None = None):
+                    init_adapter: str | None = None, quantized: bool = False):
     """FlowModel over the base and `adapters` [(name, peft_dir), ...] (slot order). The gates are
-    kept in float32 whatever the model's dtype (bf16 cannot hold a small update to a bias of 0.5)."""
+    kept in float32 whatever the model's dtype (bf16 cannot hold a small update to a bias of 0.5).
+    `quantized`: a GGUF base keeps its weights quantized (load_model)."""
     import torch
 
     from loraflow.gate_training.model import FlowModel
@@ -83,7 +100,7 @@ def load_flow_model(base, adapters, dtype: str = "fp32", device: str = "cpu", te
             raise LoraFlowError(f"--init-adapter {init_adapter!r} is not one of the adapters ({', '.join(names)})")
         init = names.index(init_adapter)
     peft = [read_peft_adapter(p, n) for n, p in adapters]
-    hf = load_model(base, dtype, device)
+    hf = load_model(base, dtype, device, quantized)
     flow = FlowModel(hf, peft, names, temperature=temperature, init_adapter=init)
     flow.gates.to(device=device, dtype=torch.float32)
     return flow

@@ -25,6 +25,7 @@ from torch import nn
 from loraflow import schema
 from loraflow.converter.gates import initial_bias, load_paper_tensors
 from loraflow.errors import FormatError, LoraFlowError
+from loraflow.gate_training.quantized import QuantLinear
 from loraflow.modes import Mode
 from loraflow.peft_io import PeftAdapter
 
@@ -78,7 +79,9 @@ class FlowLinear(nn.Module):
             a_rows.append(a)
             b_cols.append(b * s)          # fold s_i into B_i
             slot += [i] * r
-        dev, dt = base.weight.device, base.weight.dtype
+        # a QuantLinear (training over a GGUF's quantized blocks) computes in its dtype
+        dev = (base.qweight if isinstance(base, QuantLinear) else base.weight).device
+        dt = base.dtype if isinstance(base, QuantLinear) else base.weight.dtype
         self.register_buffer("a_cat", torch.cat(a_rows, 0).to(dev, dt), persistent=False)   # [R, n_in]
         self.register_buffer("b_cat", torch.cat(b_cols, 1).to(dev, dt), persistent=False)   # [n_out, R]
         self.register_buffer("slot", torch.tensor(slot, device=dev), persistent=False)      # [R] -> adapter i
@@ -172,7 +175,7 @@ class FlowModel(nn.Module):
             layer = layers[l]
             covered = [a.weights.get((l, module)) for a in adapters]
             who = [n for n, c in zip(names, covered) if c is not None]
-            base = _submodule(layer, module, nn.Linear)
+            base = _submodule(layer, module, (nn.Linear, QuantLinear))
             if base is None:
                 raise FormatError(f"adapters {who} have LoRA on layer {l} {module}, which layer {l} of "
                                   f"{type(self.model).__name__} does not have as a linear module")

@@ -1,17 +1,35 @@
-"""Training over a GGUF base's quantized weights, never dequantized whole: the torch dequantizers.
+"""Training over a GGUF base's quantized weights, never dequantized whole.
 
-    dequantize(data, qtype, n_cols)     torch: raw GGUF rows uint8 [..., row_bytes] -> float32 [..., n_cols]
+The frozen base's linear weights stay in torch memory as the GGUF's raw blocks (uint8, one row
+of blocks per output row: [n_out, row_bytes]). QuantLinear dequantizes them in torch just before
+its matmul and drops them again; its backward dequantizes once more to compute the input's
+gradient (the gates need it, the frozen weight needs none). The token embedding stays quantized
+too: a lookup dequantizes only the rows it gathers. Norms, biases and other small tensors are
+dequantized at load, as transformers does.
+
+    dequantize(data, qtype, n_cols)     torch: raw blocks [..., row_bytes] -> float32 [..., n_cols]
+    QuantLinear, QuantEmbedding         the frozen modules over raw blocks
+    load_quantized_model(gguf, dtype)   the transformers causal LM of a GGUF file, its linear
+                                        weights QuantLinear, the same numbers transformers loads
 
 The dequantizers follow ggml's block layouts (gguf-py's numpy `gguf.quants` is their reference,
-tests/test_quantized_training.py compares them bit for bit); they run wherever torch does.
+tests/test_quantized_training.py compares them bit for bit). The model is built from its config
+on the meta device; the GGUF-to-transformers tensor names, and the rows transformers reorders
+(llama's q/k permutation, Bloom's fused qkv), come from transformers' own GGUF loader, so both
+paths give the same model.
 """
 
 from __future__ import annotations
 
-import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from pathlib import Path
 
-from loraflow.errors import FormatError
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from torch import nn
+
+from loraflow.errors import FormatError, LoraFlowError
 
 QK_K = 256
 
@@ -175,3 +193,213 @@ def dequantize(data: torch.Tensor, qtype, n_cols: int) -> torch.Tensor:
         check_type(qtype, "?")
     _, size = GGML_QUANT_SIZES[qtype]
     return _BLOCKS[qtype](data.reshape(-1, size)).reshape(*lead, n_cols)
+
+
+# -- the modules -------------------------------------------------------------------------------------
+
+# the most weight values dequantized at once: a larger matrix is dequantized and multiplied in
+# slices of output rows, so no weight of any size is ever whole in float (the matmul of a slice
+# gives the same numbers as the whole one's columns)
+CHUNK = 1 << 24
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x W^T + b with W dequantized from the module's blocks in the forward, and again in the
+    backward for dx = dy W; the frozen W and b get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return module.apply_weight(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.module.input_grad(grad), None
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer over raw GGUF blocks: `qweight` uint8 [out_features, row_bytes]."""
+
+    def __init__(self, qweight: torch.Tensor, qtype, in_features: int, out_features: int,
+                 bias: torch.Tensor | None = None, dtype=torch.float32):
+        super().__init__()
+        self.qtype = Q(int(qtype))
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        if tuple(qweight.shape) != (out_features, row_bytes(self.qtype, in_features)):
+            raise FormatError(f"QuantLinear: blocks of shape {list(qweight.shape)} do not hold a "
+                              f"[{out_features}, {in_features}] {self.qtype.name} matrix")
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.to(dtype), persistent=False)
+        self.rows = max(1, CHUNK // in_features)        # output rows dequantized at once
+
+    def weight_rows(self, start: int, stop: int) -> torch.Tensor:
+        """W[start:stop] in the compute dtype."""
+        return dequantize(self.qweight[start:stop], self.qtype, self.in_features).to(self.dtype)
+
+    def apply_weight(self, x: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for s in range(0, self.out_features, self.rows):
+            e = min(s + self.rows, self.out_features)
+            parts.append(F.linear(x, self.weight_rows(s, e), None if self.bias is None else self.bias[s:e]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        out = None
+        for s in range(0, self.out_features, self.rows):
+            e = min(s + self.rows, self.out_features)
+            g = grad[..., s:e].matmul(self.weight_rows(s, e))
+            out = g if out is None else out.add_(g)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantMatmul.apply(x, self)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype.name}"
+
+
+class QuantEmbedding(nn.Module):
+    """A frozen token embedding over raw GGUF blocks: a lookup dequantizes only the rows it takes
+    (times `scale`, Gemma's sqrt(n_embd), where the model's embedding has one)."""
+
+    def __init__(self, qweight: torch.Tensor, qtype, num_embeddings: int, embedding_dim: int,
+                 scale: torch.Tensor | None = None, dtype=torch.float32):
+        super().__init__()
+        self.qtype = Q(int(qtype))
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scale", None if scale is None else scale.detach().clone(), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize(self.qweight[ids.reshape(-1)], self.qtype, self.embedding_dim).to(self.dtype)
+        rows = rows.reshape(*ids.shape, self.embedding_dim)
+        return rows if self.scale is None else rows * self.scale.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype.name}"
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+def _raw_rows(tensor) -> tuple[np.ndarray, int, int]:
+    """A GGUFReader tensor as (uint8 [n_rows, row_bytes] view of the file, n_rows, n_cols)."""
+    n_cols = int(tensor.shape[0])
+    n_rows = int(np.prod(tensor.shape[1:]))
+    return np.asarray(tensor.data).view(np.uint8).reshape(n_rows, -1), n_rows, n_cols
+
+
+def _row_order(processor, tensor, n_rows: int, n_cols: int, names, parsed) -> np.ndarray | None:
+    """The rows of `tensor` in the order transformers' loader puts them (None: as stored), found by
+    passing row numbers through the loader's own tensor processor; a FormatError if it does more to
+    the tensor than reorder its rows."""
+    probe = np.broadcast_to(np.arange(n_rows, dtype=np.float32)[:, None], (n_rows, n_cols))
+    out = processor.process(weights=probe, name=tensor.name, tensor_key_mapping=names, parsed_parameters=parsed)
+    if out.weights is probe:
+        return None
+    w = np.asarray(out.weights)
+    order = w[:, 0].astype(np.int64) if w.shape == (n_rows, n_cols) else None
+    if order is None or not (w == w[:, :1]).all() or not np.array_equal(np.sort(order), np.arange(n_rows)):
+        raise FormatError(f"tensor {tensor.name}: transformers' GGUF loader changes it beyond reordering its rows, "
+                          "which training over quantized blocks cannot follow (use --dequantize)")
+    return None if np.array_equal(order, np.arange(n_rows)) else order
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor, source) -> None:
+    path, _, attr = name.rpartition(".")
+    module = model.get_submodule(path)
+    old = getattr(module, attr)
+    if tuple(old.shape) != tuple(value.shape):
+        raise FormatError(f"{source}: {name} is {list(value.shape)} in the file, the model wants {list(old.shape)}")
+    value = value.to(old.dtype)
+    if isinstance(old, nn.Parameter):
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+    else:
+        module._buffers[attr] = value
+
+
+def load_quantized_model(gguf, dtype=torch.float32):
+    """The transformers causal LM of the GGUF file `gguf` on the CPU, frozen, in eval mode, holding
+    its linear weights and token embedding as GGUF blocks (QuantLinear, QuantEmbedding) and its
+    other tensors as transformers' loader dequantizes them. Every tensor type must be one of
+    SUPPORTED (a FormatError names the first that is not)."""
+    from gguf import GGUFReader
+    from gguf import dequantize as np_dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
+                                                          load_gguf_checkpoint, read_field)
+
+    path = Path(gguf)
+    reader = GGUFReader(str(path))
+    for t in reader.tensors:                          # refuse before any work
+        check_type(t.tensor_type, t.name, path)
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    except (OSError, ValueError) as e:
+        raise LoraFlowError(f"{path}: cannot load the model ({e})") from None
+    arch = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # the buffers a model computes (rotary frequencies, Gemma's embedding scale): made real, then
+    # filled by the model's own initialisation, which leaves the (meta) weights alone
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                module._buffers[key] = torch.empty_like(buf, device="cpu")
+    model.initialize_weights()
+    names = get_gguf_hf_weights_map(model, processor)
+
+    modules = dict(model.named_modules())
+    quant, dense = {}, {}          # module path -> (blocks, qtype, n_rows, n_cols); param name -> tensor
+    for t in reader.tensors:
+        hf = names.get(t.name)
+        path_, _, attr = (hf or "").rpartition(".")
+        module = modules.get(path_)
+        if attr == "weight" and len(t.shape) == 2 and type(module) in (nn.Linear, nn.Embedding) or \
+                (attr == "weight" and isinstance(module, nn.Embedding) and hasattr(module, "embed_scale")):
+            raw, n_rows, n_cols = _raw_rows(t)
+            order = _row_order(processor, t, n_rows, n_cols, names, parsed)
+            blocks = torch.from_numpy(np.array(raw if order is None else raw[order]))
+            quant[path_] = (blocks, Q(int(t.tensor_type)), n_rows, n_cols)
+            continue
+        out = processor.process(weights=np_dequantize(t.data, t.tensor_type), name=t.name,
+                                tensor_key_mapping=names, parsed_parameters=parsed)
+        if out.name in names:
+            dense[names[out.name]] = torch.from_numpy(np.copy(out.weights))
+
+    embed_in, embed_out = model.get_input_embeddings(), model.get_output_embeddings()
+    path_of = {id(m): p for p, m in modules.items()}
+    out_path = path_of.get(id(embed_out))
+    if out_path is not None and out_path not in quant and f"{out_path}.weight" not in dense \
+            and config.get_text_config().tie_word_embeddings:
+        in_path = path_of[id(embed_in)]
+        if in_path in quant:
+            quant[out_path] = quant[in_path]          # tied: the very same blocks
+        elif f"{in_path}.weight" in dense:
+            dense[f"{out_path}.weight"] = dense[f"{in_path}.weight"]
+    for path_, (blocks, qtype, n_rows, n_cols) in quant.items():
+        old = modules[path_]
+        if isinstance(old, nn.Embedding):
+            if (n_rows, n_cols) != (old.num_embeddings, old.embedding_dim):
+                raise FormatError(f"{path}: {path_} is [{n_rows}, {n_cols}] in the file, the model wants "
+                                  f"[{old.num_embeddings}, {old.embedding_dim}]")
+            new = QuantEmbedding(blocks, qtype, n_rows, n_cols, getattr(old, "embed_scale", None), dtype)
+        else:
+            if (n_rows, n_cols) != (old.out_features, old.in_features):
+                raise FormatError(f"{path}: {path_} is [{n_rows}, {n_cols}] in the file, the model wants "
+                                  f"[{old.out_features}, {old.in_features}]")
+            new = QuantLinear(blocks, qtype, n_cols, n_rows, dense.pop(f"{path_}.bias", None), dtype)
+        parent, _, attr = path_.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    for name, value in dense.items():
+        _set_param(model, name, value, path)
+    missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if missing:
+        raise FormatError(f"{path}: no tensor for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

@@ -4,6 +4,10 @@
   quantizes (the legacy types, BF16), and random blocks with finite scales (all block types,
   the K-quants included: gguf-py cannot quantize those).
 - Other types are refused, naming the type and the tensor.
+- A tiny llama-shaped GGUF of each type (every matrix of that type, n_embd 256 so K blocks fit;
+  tied and untied output): the quantized model (QuantLinear, QuantEmbedding, the q/k rows in
+  transformers' order) gives the dequantized model's losses and gate gradients within 1e-6
+  relative, under a FlowModel with two LoRAs and random gates.
 """
 
 from __future__ import annotations
@@ -16,28 +20,31 @@ torch = pytest.importorskip("torch")
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
 
+from loraflow import synthetic  # noqa: E402
 from loraflow.errors import FormatError  # noqa: E402
 from loraflow.gate_training import quantized as qz  # noqa: E402
 
+ALL_TYPES = (Q.F32, Q.F16, Q.BF16) + (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
 BLOCK_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 NUMPY_QUANTIZES = (Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)     # gguf-py quantizes these
-# byte offsets of each block's float16 scales (d, and dmin or m), and a typical d: weights of a
-# size a trained model has (RMS about 0.02 to 0.05)
+# byte offsets of each block's float16 scales (d, and dmin or m), a typical d (weights of a size a
+# trained model has, RMS about 0.02 to 0.05) and the min field in units of d that centres them
+# (the mean quant: w = d sc q - dmin m, or d q + m for Q4_1/Q5_1)
 F16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q2_K: (80, 82),
               Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 TYPICAL_D = {Q.Q4_0: 5e-3, Q.Q4_1: 5e-3, Q.Q5_0: 2e-3, Q.Q5_1: 2e-3, Q.Q8_0: 3e-4, Q.Q2_K: 1e-3,
              Q.Q3_K: 3e-4, Q.Q4_K: 1e-4, Q.Q5_K: 5e-5, Q.Q6_K: 1.5e-5}
+CENTRE = {Q.Q4_1: -7.5, Q.Q5_1: -15.5, Q.Q2_K: 1.5, Q.Q4_K: 7.5, Q.Q5_K: 15.5}
 
 
 def random_blocks(qtype, n_rows: int, n_cols: int, rng) -> np.ndarray:
     """uint8 [n_rows, row_bytes]: random quants, random finite float16 scales about TYPICAL_D
-    (a min field, where the type has one, about 7.5x that: it centres the weights)."""
+    (and a min field, where the type has one, that centres the weights about 0)."""
     block, size = GGML_QUANT_SIZES[qtype]
     data = rng.integers(0, 256, (n_rows, n_cols // block, size), dtype=np.uint8)
     for i, at in enumerate(F16_FIELDS[qtype]):
-        d = TYPICAL_D[qtype] * (7.5 if i else 1.0) * rng.uniform(0.5, 1.5, data.shape[:2])
-        if qtype in (Q.Q4_1, Q.Q5_1) and i:
-            d = -d                          # Q4_1/Q5_1's m is the block's minimum itself
+        d = TYPICAL_D[qtype] * (CENTRE[qtype] if i else 1.0) * rng.uniform(0.8, 1.2, data.shape[:2])
         data[..., at:at + 2] = d.astype(np.float16)[..., None].view(np.uint8)
     return data.reshape(n_rows, -1)
 
@@ -88,3 +95,132 @@ def test_other_types_are_refused_naming_type_and_tensor(qtype):
         qz.check_type(qtype, "blk.3.ffn_up.weight")
     with pytest.raises(FormatError, match=qtype.name):
         qz.dequantize(torch.zeros(1, 256, dtype=torch.uint8), qtype, 256)
+
+
+# -- tiny GGUF models of every type ----------------------------------------------------------------
+
+N_EMBD, N_LAYER, N_HEAD, N_KV, HEAD, N_FF, N_VOCAB = 256, 2, 4, 2, 64, 512, 512
+
+
+def encode(w: np.ndarray, qtype, rng):
+    """(data, raw_dtype) for GGUFWriter.add_tensor: `w` in `qtype` (gguf-py quantizes what it can;
+    K types get random blocks of the same size)."""
+    if qtype == Q.F32:
+        return w, None
+    if qtype == Q.F16:
+        return w.astype(np.float16), None
+    if qtype in NUMPY_QUANTIZES:
+        return gguf.quants.quantize(w, qtype), qtype
+    return random_blocks(qtype, w.shape[0], w.shape[1], rng), qtype
+
+
+def write_tiny_llama(path, qtype, tied: bool = True, seed: int = 0):
+    """A llama GGUF, 2 layers of n_embd 256 (4 heads, 2 KV heads, FFN 512), every matrix `qtype`,
+    norms F32, a SentencePiece vocabulary of 512 placeholder pieces (as benchmarks/shapes.py)."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny llama")
+    w.add_context_length(256)
+    w.add_embedding_length(N_EMBD)
+    w.add_block_count(N_LAYER)
+    w.add_feed_forward_length(N_FF)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_KV)
+    w.add_key_length(HEAD)
+    w.add_value_length(HEAD)
+    w.add_rope_dimension_count(HEAD)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(N_VOCAB)
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"\u2581t{i}" for i in range(N_VOCAB - len(pieces))]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores([-float(i) for i in range(N_VOCAB)])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (N_VOCAB - 259))
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def matrix(name, n_out, n_in):
+        data, raw = encode((rng.standard_normal((n_out, n_in)) * 0.05).astype(np.float32), qtype, rng)
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    def norm(name):
+        w.add_tensor(name, (1 + 0.1 * rng.standard_normal(N_EMBD)).astype(np.float32))
+
+    matrix("token_embd.weight", N_VOCAB, N_EMBD)
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        norm(p + "attn_norm.weight")
+        matrix(p + "attn_q.weight", N_HEAD * HEAD, N_EMBD)
+        matrix(p + "attn_k.weight", N_KV * HEAD, N_EMBD)
+        matrix(p + "attn_v.weight", N_KV * HEAD, N_EMBD)
+        matrix(p + "attn_output.weight", N_EMBD, N_HEAD * HEAD)
+        norm(p + "ffn_norm.weight")
+        matrix(p + "ffn_gate.weight", N_FF, N_EMBD)
+        matrix(p + "ffn_up.weight", N_FF, N_EMBD)
+        matrix(p + "ffn_down.weight", N_EMBD, N_FF)
+    norm("output_norm.weight")
+    if not tied:
+        matrix("output.weight", N_VOCAB, N_EMBD)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two random LoRAs on every linear module of the tiny llama (its shapes do not depend on the type)."""
+    work = tmp_path_factory.mktemp("quantized-loras")
+    base = write_tiny_llama(work / "shapes.gguf", Q.F32)
+    _, _, shapes = synthetic.base_gguf_shapes(base)
+    return [(name, str(synthetic.write_random_peft_adapter(work / name, shapes, r=8, alpha=16, seed=i + 1)))
+            for i, name in enumerate(("lang", "math"))]
+
+
+def flow_loss_and_grads(base, adapters, quantized: bool, seed: int = 0):
+    """(loss, [gate weight grads], [gate bias grads]) of one batch under random gates."""
+    from loraflow.gate_training.load import load_flow_model
+    from loraflow.gate_training.train import response_loss
+
+    flow = load_flow_model(base, adapters, quantized=quantized)
+    torch.manual_seed(seed)
+    ids = torch.randint(3, N_VOCAB, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0                                   # a padded row
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :6] = -100                               # the prompt
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    flow.set_input_scales(flow.measure_input_scales([batch]))     # as training does: W acts on unit inputs
+    with torch.no_grad():
+        for g in flow.gates:
+            g.weight.normal_(0, 1.0)
+    loss, n = response_loss(flow.model, batch)
+    loss.backward()
+    return (loss.item() / n, [g.weight.grad.clone() for g in flow.gates], [g.bias.grad.clone() for g in flow.gates],
+            flow)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_quantized_model_equals_dequantized(tmp_path, adapters, qtype):
+    torch.set_num_threads(1)
+    tied = int(qtype) % 2 == 0
+    base = write_tiny_llama(tmp_path / f"tiny-{qtype.name}.gguf", qtype, tied=tied, seed=int(qtype))
+    loss_q, gw_q, gb_q, flow = flow_loss_and_grads(base, adapters, quantized=True)
+    loss_d, gw_d, gb_d, _ = flow_loss_and_grads(base, adapters, quantized=False)
+    # every matrix is held as blocks, none as a float weight
+    kinds = {type(m).__name__ for m in flow.model.modules()}
+    assert "Linear" not in kinds and "Embedding" not in kinds and {"QuantLinear", "QuantEmbedding"} <= kinds
+    floats = sum(p.numel() for p in flow.model.parameters())
+    assert floats == (2 * N_LAYER + 1) * N_EMBD, "only the norms are float"
+    assert np.isfinite(loss_d) and loss_d > 0
+    assert abs(loss_q - loss_d) <= 1e-6 * abs(loss_d)
+    for q, d in zip(gw_q + gb_q, gw_d + gb_d):
+        assert d.norm() > 0 and rel(q, d) <= 1e-6
