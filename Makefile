@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test test-page demo compose compose3 fuzz upstream-tests check-arch install-vulkan test-vulkan clean-native
+.PHONY: install test test-page demo compose compose3 fuzz upstream-tests check-arch install-vulkan test-vulkan install-rpc test-rpc clean-native
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,17 @@ test-vulkan: install install-vulkan
 		$(VULKAN_VENV)/bin/pytest -q $(VULKAN_TESTS)
 	GGML_VK_VISIBLE_DEVICES=0 LORAFLOW_TEST_GPU_LAYERS=2 LORAFLOW_TEST_ARCHS=$(VULKAN_SPLIT_ARCHS) \
 		LORAFLOW_CPU_PYTHON=$(abspath $(PY)) $(VULKAN_VENV)/bin/pytest -q $(VULKAN_TESTS)
+
+# llama.cpp's RPC backend (--rpc) in a second venv: the build with GGML_RPC and llama.cpp's rpc-server
+# from the same patched source, as $(RPC_VENV)/bin/loraflow-rpc-server (both cached); the CPU .venv stays
+RPC_VENV ?= .venv-rpc
+install-rpc:
+	$(MAKE) install VENV=$(RPC_VENV) CMAKE_ARGS="-DGGML_RPC=ON"
+	CMAKE_ARGS="-DGGML_RPC=ON" $(RPC_VENV)/bin/python runtime/native/build.py --rpc-server
+
+# parity, the batch engine and faults with two rpc-servers on 127.0.0.1 (tests/test_rpc.py)
+test-rpc: install-rpc
+	$(RPC_VENV)/bin/pytest -q tests/test_rpc.py
 
 # does LoRA-Flow run these Hugging Face model_types exactly? make check-arch ARCH="starcoder2 cohere"
 check-arch: install

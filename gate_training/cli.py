@@ -140,7 +140,12 @@ def _quiet_transformers() -> None:
 @click.option("--flow", "-f", "flow_gguf", type=click.Path(dir_okay=False), default=None,
               help="runtime: the flow GGUF (loraflow-convert flow)")
 @click.option("--threads", "-t", type=int, default=None, help="CPU threads (torch or llama.cpp)")
-@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True, help="runtime")
+@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=None,
+              help="runtime  [default: 0; with --rpc, all]")
+@click.option("--rpc", "rpc_servers", default=None, metavar="HOST:PORT[,...]",
+              help="runtime: the layers on llama.cpp rpc-servers (a build with RPC: make install-rpc)")
+@click.option("--tensor-split", "-ts", "tensor_split", default=None, metavar="N0,N1,...",
+              help="runtime: each device's share of the offloaded layers, as llama.cpp's --tensor-split")
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help="prompts decoded together (torch: left-padded; runtime: one sequence each on the batch "
                    "engine); faster, may flip near-tie tokens")
@@ -150,7 +155,7 @@ def _quiet_transformers() -> None:
 @click.option("--show", type=int, default=20, show_default=True, help="rows of the results table to print")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def eval_cmd(data, backend, mode, static_weights, base, adapters, gate, dtype, device, model_gguf, flow_gguf, threads,
-             n_gpu_layers, batch_size, extract, max_tokens, output, show, quiet):
+             n_gpu_layers, rpc_servers, tensor_split, batch_size, extract, max_tokens, output, show, quiet):
     """Greedy-decode every example of DATA under one fusion mode, extract the answers, report accuracy."""
     from loraflow.gate_training.evaluate import run_eval
 
@@ -159,7 +164,7 @@ def eval_cmd(data, backend, mode, static_weights, base, adapters, gate, dtype, d
     run_eval(data, backend, mode, extract, max_tokens, output=output, static_weights=static_weights, base=base,
              adapters=adapters, gate=gate, dtype=dtype, device=device, model_gguf=model_gguf, flow_gguf=flow_gguf,
              threads=threads, n_gpu_layers=n_gpu_layers, show=show, progress=not quiet, log=click.echo,
-             batch_size=batch_size)
+             batch_size=batch_size, rpc_servers=rpc_servers, tensor_split=tensor_split)
 
 
 COMMANDS = (train_gate_cmd, eval_cmd)

