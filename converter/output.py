@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from loraflow.digest import check_digest
 from loraflow.errors import ConversionError, FormatError
 from loraflow.gguf_read import read_header
 
@@ -67,16 +68,20 @@ def atomic_output(out, force: bool) -> Iterator[Path]:
 def _check_complete(out: Path, tmp: Path) -> None:
     """A failed write can go unreported (numpy's tofile ignores an error when its stream is
     closed): flush the file to disk and read its header back, which checks that every tensor's
-    data lies inside it."""
+    data lies inside it, and check the digest it records, if any."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
     try:
-        read_header(tmp)
+        header = read_header(tmp)
     except FormatError as e:
         raise ConversionError(f"{out}: not written: the file came out incomplete ({e}); is the disk full?") from None
+    try:
+        check_digest(tmp, header)  # a file that records a digest hashes to it as written
+    except FormatError as e:
+        raise ConversionError(f"{out}: not written: {e}") from None
 
 
 def ordinary_mode(path) -> None:
