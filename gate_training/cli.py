@@ -38,7 +38,8 @@ def _adapter_option(required: bool):
 
 @click.command("train-gate")
 @click.option("--base", required=True, type=click.Path(exists=True),
-              help="the base model: a Hugging Face folder or a GGUF file (dequantized by transformers)")
+              help="the base model: a Hugging Face folder or a GGUF file (trained over its quantized weights, "
+                   "each matrix dequantized just in time)")
 @_adapter_option(required=True)
 @click.option("--data", required=True, type=click.Path(), help="training examples, jsonl")
 @click.option("--dev", type=click.Path(), default=None, help="dev examples, jsonl: they pick the kept checkpoint")
@@ -66,7 +67,11 @@ def _adapter_option(required: bool):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="the base model's dtype (gates train in fp32)")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+              help="auto: cuda if there is one, else mps, else cpu")
+@click.option("--dequantize", is_flag=True,
+              help="a GGUF base: load it dequantized whole through transformers (the old path: about 8x the "
+                   "file's size in memory) instead of keeping its weights quantized")
 @click.option("--threads", "-t", type=int, default=None, help="torch CPU threads  [default: torch's, all cores]")
 @click.option("--gradient-checkpointing", is_flag=True, help="recompute activations in backward (long sequences)")
 @click.option("--force", is_flag=True, help="write into a non-empty output folder")
@@ -77,8 +82,8 @@ def _adapter_option(required: bool):
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def train_gate_cmd(base, adapters, data, dev, out_dir, fusion, per_layer, epochs, lr, batch_size, warmup,
                    weight_decay, grad_clip, temperature, init_adapter, max_length, truncate, no_eos, dev_metric,
-                   extract, dev_max_tokens, seed, dtype, device, threads, gradient_checkpointing, force, resume,
-                   quiet):
+                   extract, dev_max_tokens, seed, dtype, device, dequantize, threads, gradient_checkpointing, force,
+                   resume, quiet):
     """Learn the fusion of the adapters on DATA: the LoRA-Flow gates (dynamic), or a static baseline.
 
     The base model and the LoRAs stay frozen; the loss covers response tokens only. Rows are
@@ -92,7 +97,8 @@ def train_gate_cmd(base, adapters, data, dev, out_dir, fusion, per_layer, epochs
         _quiet_transformers()
     cfg = TrainConfig(fusion=fusion, per_layer=per_layer, epochs=epochs, lr=lr, weight_decay=weight_decay,
                       warmup=warmup, grad_clip=grad_clip, batch_size=batch_size, temperature=temperature,
-                      init_adapter=init_adapter, seed=seed, dtype=dtype, device=device, threads=threads,
+                      init_adapter=init_adapter, seed=seed, dtype=dtype, device=device, dequantize=dequantize,
+                      threads=threads,
                       grad_checkpointing=gradient_checkpointing, max_length=max_length, truncate=truncate,
                       add_eos=not no_eos, dev_metric=dev_metric, extract=extract, dev_max_tokens=dev_max_tokens)
     record = train_gate(cfg, base, adapters, data, out_dir, dev=dev, force=force, progress=not quiet,

@@ -45,7 +45,7 @@ STATE_FILE = "train-state.pt"
 STATE_FORMAT = 1
 # settings that change how fast a run goes, not what it computes: `--resume` may change them (on
 # another device or thread count the rest of the run is the same up to rounding, not bit for bit)
-RESUME_FREE = ("device", "threads", "grad_checkpointing")
+RESUME_FREE = ("device", "threads", "grad_checkpointing", "dequantize")
 # the training examples (the first ones) on which the layer inputs' RMS is measured before training
 SCALE_EXAMPLES = 64
 # the default learning rate. Adam moves each parameter by about lr a step: the gate's weight acts on
@@ -70,7 +70,9 @@ class TrainConfig:
     init_adapter: str | None = None  # the adapter the gate starts from (W = 0, one-hot bias); None: the last
     seed: int = 0
     dtype: str = "fp32"              # fp32 | bf16 (the base model's; gates and static weights stay fp32)
-    device: str = "auto"             # auto | cpu | cuda
+    device: str = "auto"             # auto (cuda, else mps, else cpu) | cpu | cuda | mps
+    dequantize: bool = False         # a GGUF base: load it dequantized whole (transformers) instead of
+                                     # training over its quantized blocks (gate_training/quantized.py)
     threads: int | None = None       # torch CPU threads; None: torch's default (all cores)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     max_length: int | None = None    # longest example in tokens; None: min(2048, the model's context)
@@ -401,7 +403,8 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
 
     # the model: base + k frozen LoRAs + gates
     t_load = time.time()
-    flow = load.load_flow_model(base, adapters, cfg.dtype, device, cfg.temperature, cfg.init_adapter)
+    flow = load.load_flow_model(base, adapters, cfg.dtype, device, cfg.temperature, cfg.init_adapter,
+                                quantized=not cfg.dequantize)
     names, k = flow.names, flow.k
     input_scales = None
     if cfg.fusion == "dynamic":
@@ -583,6 +586,7 @@ def train_gate(cfg: TrainConfig, base, adapters, data, out_dir, dev=None, force:
         "resumed_from_epochs": resumed_from,
         "outputs": list(outputs),
         "device": device,
+        "base_weights": "quantized" if load.is_gguf(base) and not cfg.dequantize else "dense",
         "processes": par.world,
         "torch_threads": torch.get_num_threads(),
         "versions": _versions(),

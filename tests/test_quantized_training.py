@@ -8,6 +8,8 @@
   tied and untied output): the quantized model (QuantLinear, QuantEmbedding, the q/k rows in
   transformers' order) gives the dequantized model's losses and gate gradients within 1e-6
   relative, under a FlowModel with two LoRAs and random gates.
+- `train-gate` over a Q4_K GGUF trains the same gate quantized (the default, with and without
+  --gradient-checkpointing) and --dequantize.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from click.testing import CliRunner  # noqa: E402
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # noqa: E402
 
 from loraflow import synthetic  # noqa: E402
@@ -224,3 +227,51 @@ def test_quantized_model_equals_dequantized(tmp_path, adapters, qtype):
     assert abs(loss_q - loss_d) <= 1e-6 * abs(loss_d)
     for q, d in zip(gw_q + gb_q, gw_d + gb_d):
         assert d.norm() > 0 and rel(q, d) <= 1e-6
+
+
+def test_train_gate_same_gate_quantized_and_dequantized(tmp_path, adapters):
+    import json
+
+    from safetensors.numpy import load_file
+
+    from loraflow.cli import main
+
+    base = write_tiny_llama(tmp_path / "tiny-Q4_K.gguf", Q.Q4_K, seed=5)
+    rng = np.random.default_rng(0)
+    rows = [{"prompt": " ".join(f"t{i}" for i in rng.integers(0, 200, 4)),
+             "response": " ".join(f"t{i}" for i in rng.integers(0, 200, 6))} for _ in range(12)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gates, runs = {}, {}
+    for how, extra in (("quantized", []), ("dequantized", ["--dequantize"]),
+                       ("checkpointed", ["--gradient-checkpointing"])):
+        out = tmp_path / how
+        args = ["train-gate", "--base", base, *[a for n, d in adapters for a in ("--adapter", f"{n}={d}")],
+                "--data", data, "-o", out, "--epochs", "2", "--batch-size", "4", "--threads", "1", "-q", *extra]
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        gates[how] = load_file(str(out / "gate.safetensors"))
+        runs[how] = json.loads((out / "run.json").read_text())
+    assert runs["quantized"]["base_weights"] == "quantized" and runs["dequantized"]["base_weights"] == "dense"
+    assert runs["quantized"]["device"] == "cpu"
+    for key, d in gates["dequantized"].items():
+        assert np.abs(d).max() > 0
+        np.testing.assert_allclose(gates["quantized"][key], d, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(gates["checkpointed"][key], d, rtol=1e-5, atol=1e-7)
+    losses = [[e["train_loss"] for e in runs[h]["epochs"]] for h in ("quantized", "dequantized")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    assert losses[0][-1] < losses[0][0]
+
+
+def test_device_choices(monkeypatch):
+    from loraflow.errors import LoraFlowError
+    from loraflow.gate_training.load import pick_device
+
+    assert pick_device("cpu") == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert pick_device("auto") == expected
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(LoraFlowError, match="device mps: no Apple GPU"):
+        pick_device("mps")
+    with pytest.raises(LoraFlowError, match="choose cpu, cuda, mps or auto"):
+        pick_device("tpu")
