@@ -3,6 +3,7 @@
     python -m benchmarks.decode [--k 2] [--rank 16] [--threads 2] [--reps 3] [--out benchmarks/results]
     python -m benchmarks.decode --shape llama-3.2-1b   # a real model's shape, random weights (benchmarks/shapes.py)
     python -m benchmarks.decode --scaling          # k = 1, 2, 4, 8: stock static vs flow dynamic, PNG
+    python -m benchmarks.decode --rpc A,B --long 0  # base and flow locally, on rpc-server A, on A and B
 
 Every configuration runs in its own subprocess (so peak RSS is its own) on the same base
 model file: the bare base (stock llama.cpp API), k static LoRAs through stock
@@ -18,6 +19,12 @@ markdown table of ratios against stock static multi-LoRA (each round's ratio, th
 range), and JSON. The long context is filled once by the bare base and saved (llama.cpp's
 sequence state); every llama.cpp configuration loads it instead of prefilling it again: its
 values are the base's, which speed does not depend on.
+
+With --rpc HOST:PORT[,...] (a build with RPC and running rpc-servers: docs/BACKENDS.md) the bare base
+and the flow adapter run locally, with every layer on the first server, and on the first two
+(llama.cpp splits the layers by the servers' free memory); the table gives flow/base in each
+placement, each round's ratio, their median and range: what the network costs both, and whether
+the flow path costs more over RPC than locally.
 
 The roofline: decoding a token reads every weight matrix once (the token embedding only for
 its one row unless it is also the output matrix), the KV cache so far, and the LoRA tensors as
@@ -143,15 +150,21 @@ def time_llama(llm, reps: int, long_state: str | None = None, long_n: int = 0) -
 
     import llama_cpp
 
+    def run(tokens):
+        # llama_decode returns once the graph is queued; Llama.eval reads no logits to wait for it
+        # (on the CPU it has run by then, on RPC and GPU backends not): wait, as sampling would
+        llm.eval(tokens)
+        llama_cpp.llama_synchronize(llm.ctx)
+
     def fresh(prompt=()):
         llm.reset()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
         if prompt:
-            llm.eval(list(prompt))
+            run(list(prompt))
 
     def decode(_, n=DECODE_TOKENS):
         for tok in tokens_for(n, seed=1):
-            llm.eval([tok])
+            run([tok])
 
     def load_long():
         fresh()
@@ -162,7 +175,7 @@ def time_llama(llm, reps: int, long_state: str | None = None, long_n: int = 0) -
         llm.input_ids[:long_n] = np.ctypeslib.as_array(toks)
         llm.n_tokens = long_n
 
-    out = {f"prefill{n}": n / median_seconds(lambda _, toks=tokens_for(n): llm.eval(toks), reps, fresh)
+    out = {f"prefill{n}": n / median_seconds(lambda _, toks=tokens_for(n): run(toks), reps, fresh)
            for n in PREFILL}
     out["decode"] = DECODE_TOKENS / median_seconds(decode, reps, lambda: fresh(tokens_for(DECODE_PROMPT)))
     if long_state:
@@ -236,13 +249,23 @@ def xlora_model(base: Path, peft_dirs: list[str]):
 
 def run_one(config: str, base: str, inputs: dict, threads: int, reps: int, gpu_layers: int = 0) -> dict:
     long_n = inputs.get("long_n", 0)
+    config, _, rpc_servers = config.partition("@")   # base@HOST:PORT,...: every layer on those rpc-servers
     kw = dict(n_ctx=max(1024, long_n + 256), n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
-              n_gpu_layers=gpu_layers, verbose=False)
+              n_gpu_layers=-1 if rpc_servers else gpu_layers, verbose=False)
     timing = dict(long_state=inputs.get("long_state"), long_n=long_n)
+    if rpc_servers and config not in ("base", "flow_dynamic", "flow_static"):
+        raise SystemExit(f"{config}: not run on rpc-servers (base, flow_dynamic, flow_static are)")
     if config == "base":
         import llama_cpp
 
-        result = time_llama(llama_cpp.Llama(base, **kw), reps, **timing)
+        if rpc_servers:
+            from loraflow.runtime import rpc
+
+            with rpc.model_devices(rpc.devices(rpc_servers)):
+                llm = llama_cpp.Llama(base, **kw)
+        else:
+            llm = llama_cpp.Llama(base, **kw)
+        result = time_llama(llm, reps, **timing)
     elif config in ("stock_static", "stock_static_patched"):
         import ctypes
 
@@ -265,7 +288,7 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int, gpu_l
         from loraflow.runtime import FlowLlama
         from loraflow.runtime import _bindings as B
 
-        llm = FlowLlama(base, flow_path=inputs["flow"], **kw)
+        llm = FlowLlama(base, flow_path=inputs["flow"], rpc_servers=rpc_servers or None, **kw)
         if config == "flow_static":
             llm.set_mode("average")
         result = time_llama(llm, reps, **timing)
@@ -436,6 +459,35 @@ def table(runs: dict[str, list[dict]], ref: str) -> str:
     return "\n".join(lines)
 
 
+def rpc_placements(servers: str) -> dict[str, str]:
+    """--rpc A,B,... -> {placement: config suffix}: local, the first server, the first two."""
+    from loraflow.runtime.rpc import parse_servers
+
+    servers = parse_servers(servers)
+    out = {"local": "", "1 rpc-server": "@" + servers[0]}
+    if len(servers) > 1:
+        out["2 rpc-servers"] = "@" + ",".join(servers[:2])
+    return out
+
+
+def rpc_table(runs: dict[str, list[dict]], placements: dict[str, str], flow: str = "flow_dynamic") -> str:
+    """Per placement: base and flow tok/s (median / best round) and flow/base (the median of the
+    rounds' ratios, with their range), for prefill and decode."""
+    cols = [f"prefill{n}" for n in PREFILL] + ["decode"]
+    lines = ["| placement | " + " | ".join(f"{c}: base, flow tok/s, flow/base" for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for name, suffix in placements.items():
+        base, flow_runs = runs["base" + suffix], runs[flow + suffix]
+        cells = []
+        for c in cols:
+            r = [f[c] / b[c] for f, b in zip(flow_runs, base)]
+            cells.append(f"{statistics.median(x[c] for x in base):.1f} / {max(x[c] for x in base):.1f}, "
+                         f"{statistics.median(x[c] for x in flow_runs):.1f} / {max(x[c] for x in flow_runs):.1f}, "
+                         f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=2)
@@ -459,6 +511,9 @@ def main() -> int:
                     help="timings per configuration process, their median kept (1 for large shapes)")
     ap.add_argument("--gpu-layers", type=int, default=0,
                     help="layers on a GPU backend (-1: all), for a build that has one")
+    ap.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
+                    help="base and flow_dynamic locally, on the first rpc-server, and on the first two "
+                         "(a build with RPC; the servers already running)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -510,6 +565,19 @@ def main() -> int:
         return 0
 
     inputs = prepare(base, args.k, args.rank, args.outtype)
+    if args.rpc:
+        placements = rpc_placements(args.rpc)
+        print(f"{base.name}: k={args.k}, rank {args.rank}, LoRA tensors {args.outtype}, {args.threads} threads, "
+              "placements " + ", ".join(f"{n} ({s[1:] or 'this process'})" for n, s in placements.items()))
+        configs = [c + s for s in placements.values() for c in ("base", "flow_dynamic")]
+        runs = measure(configs, base, inputs, args.threads, args.reps, inner=args.inner)
+        report = rpc_table(runs, placements)
+        print("\n" + report)
+        stem = f"decode-rpc-{args.shape or base.stem}-k{args.k}-r{args.rank}-{args.outtype}"
+        (out / f"{stem}.json").write_text(json.dumps(dict(settings=vars(args) | {"model": str(base)},
+                                                          results=medians(runs), rounds=runs), indent=2, default=str))
+        (out / f"{stem}.md").write_text(report + "\n")
+        return 0
     if args.long:
         inputs.update(long_state=str(fill_long_state(str(base), args.long, args.threads)), long_n=args.long)
     sizes = {"base": base.stat().st_size, "flow": Path(inputs["flow"]).stat().st_size,
