@@ -114,6 +114,8 @@ def _on_abort(message: bytes) -> None:
     """ggml_abort's callback once a model is on rpc-servers: one line and exit 1 (abort() would
     follow it, after ggml's backtrace)."""
     text = message.decode(errors="replace").strip() if message else "ggml_abort"
+    where, sep, what = text.partition(": ")    # ".../ggml-rpc.cpp:569: Remote RPC server crashed ..."
+    text = os.path.basename(where) + sep + what
     sys.stderr.write(f"error: llama.cpp gave up (rpc-servers {', '.join(_endpoints)}): {text}; a server may have "
                      "stopped or the network failed, and llama.cpp's RPC client cannot go on, so this process exits\n")
     sys.stderr.flush()
