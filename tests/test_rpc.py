@@ -210,6 +210,23 @@ def test_server_not_there_is_named(tiny_models, tmp_path):
     assert result.exit_code == 1 and f"error: rpc-server {address} is not there" in result.stderr, result.output
 
 
+def test_generate_cli_over_rpc(tiny_models, tmp_path, servers):
+    """`loraflow generate --rpc ... --tensor-split 1,1` prints what it prints locally."""
+    from click.testing import CliRunner
+    from tiny_flow import build_tiny_flow
+
+    from loraflow.cli import main
+
+    tm = tiny_models.get("llama")
+    flow = build_tiny_flow(tm, tmp_path)
+    args = ["generate", "-m", str(tm.gguf), "-f", str(flow), "-p", "Once upon a time", "-n", "8", "--raw",
+            "--temperature", "0", "--threads", "1", "--ctx", "256"]
+    local = CliRunner().invoke(main, args)
+    remote = CliRunner().invoke(main, args + ["--rpc", ",".join(servers), "--tensor-split", "1,1"])
+    assert local.exit_code == 0 and remote.exit_code == 0, local.output + remote.output
+    assert remote.stdout == local.stdout and local.stdout.strip()
+
+
 KILLED_MID_DECODE = textwrap.dedent("""
     import sys
     from loraflow.runtime import FlowLlama
