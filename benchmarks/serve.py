@@ -17,6 +17,8 @@ answer has its 48 tokens whatever the mode. Servers, each started fresh on a fre
 - `flow_default`: `loraflow serve` with its defaults (4 slots of 2048 tokens, llama-cpp-python's
   threads), whatever --threads says;
 - `flow_serial`: `loraflow serve --parallel 1` (one request at a time, as before);
+- `flow_det`, `flow_serial_det`: the same two with `--deterministic` (batch-invariant kernels; with
+  `--main flow_det` the answers are compared with flow_serial_det's);
 - `stock`: stock llama.cpp's `llama-server -np N`, built from the same pinned source without our
   patch (runtime/native/build.py --llama-server; minutes, once), the two LoRAs exported from the
   flow file (`loraflow-convert export-lora`) and loaded, per-request LoRA scales in the body.
@@ -88,11 +90,12 @@ def start(config: str, n: int, args, files: dict, log: Path):
     if config == "flow_default":   # nothing but the files and the address
         cmd = [str(Path(sys.executable).with_name("loraflow")), "serve", "-m", files["base"], "-f", files["flow"],
                "--host", HOST, "--port", str(port), "--log-level", "warning"]
-    elif config in ("flow", "flow_serial"):
-        parallel = n if config == "flow" else 1
+    elif config in ("flow", "flow_serial", "flow_det", "flow_serial_det"):
+        parallel = 1 if config.startswith("flow_serial") else n
         cmd = [str(Path(sys.executable).with_name("loraflow")), "serve", "-m", files["base"], "-f", files["flow"],
                "--host", HOST, "--port", str(port), *threads, "--ctx", str(ctx_per_seq),
-               "--parallel", str(parallel), "--log-level", "warning"]
+               "--parallel", str(parallel), "--log-level", "warning",
+               *(["--deterministic"] if config.endswith("_det") else [])]
     else:
         cmd = [files["llama_server"], "-m", files["base"], "--lora", files["lora0"], "--lora", files["lora1"],
                "--host", HOST, "--port", str(port), *(["-t", args.threads] if threads else []), "-np", str(n),
@@ -201,7 +204,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3, help="requests each client sends, one after another")
     ap.add_argument("--threads", default="2", help="CPU threads of every server; 'default': their own choice")
     ap.add_argument("--repeats", type=int, default=2, help="times the whole sweep runs (servers' order rotated)")
-    ap.add_argument("--configs", default="flow,flow_serial,stock", help="of flow, flow_default, flow_serial, stock")
+    ap.add_argument("--configs", default="flow,flow_serial,stock",
+                    help="of flow, flow_default, flow_serial, stock; flow_det and flow_serial_det: flow and "
+                         "flow_serial with --deterministic")
     ap.add_argument("--main", default="flow", help="the configuration the ratios and answers are of")
     ap.add_argument("--workloads", default="same,mixed")
     ap.add_argument("--out", default="benchmarks/results")
@@ -230,9 +235,11 @@ def main() -> int:
     med = {key: {m: statistics.median(r[m] for r in rs) for m in ("tok_s", "ttft_median", "ttft_burst", "ttft_later")}
            for key, rs in runs.items()}
     main_ = args.main
+    # the solo answers a batched server's are compared with: the serial server on the same kernels
+    serial = "flow_serial_det" if main_.endswith("_det") and "flow_serial_det" in configs else "flow_serial"
     lines = ["| workload | clients | " + " | ".join(f"{c} tok/s" for c in configs) +
              f" | {main_} / flow_serial | {main_} / stock | {main_} TTFT burst, later | TTFT / 1 client: burst, later"
-             f" | answers = flow_serial's |",
+             f" | answers = {serial}'s |",
              "|---|---:|" + "---:|" * (len(configs) + 5)]
     for workload in args.workloads.split(","):
         for n in clients:
@@ -249,8 +256,8 @@ def main() -> int:
 
             def same_answers():
                 """answers equal to the one-at-a-time server's for the same request, over all repeats"""
-                a, b = runs.get((main_, workload, n)), runs.get(("flow_serial", workload, n))
-                if not a or not b or main_ == "flow_serial":
+                a, b = runs.get((main_, workload, n)), runs.get((serial, workload, n))
+                if not a or not b or main_ == serial:
                     return "-"
                 pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra["answers"], rb["answers"])]
                 return f"{sum(x == y for x, y in pairs)}/{len(pairs)}"

@@ -44,6 +44,8 @@ SHAPES = {
     "llama-3.2-1b": Shape("llama", 2048, 16, 32, 8, 64, 8192, 128256, True, 500000.0, 1e-5),
     "llama-3.1-8b": Shape("llama", 4096, 32, 32, 8, 128, 14336, 128256, False, 500000.0, 1e-5),
     "qwen3-4b": Shape("qwen3", 2560, 36, 32, 8, 128, 9728, 151936, True, 1000000.0, 1e-6),
+    # not a real model: the smallest llama whose matrices are whole K-quant blocks (tests of the kernels)
+    "tiny-k-quants": Shape("llama", 256, 2, 4, 2, 64, 512, 1024, True, 10000.0, 1e-5),
 }
 FILE_TYPE_Q4_K_M = 15  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_K_M
 

@@ -155,13 +155,17 @@ def _quiet_transformers() -> None:
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help="prompts decoded together (torch: left-padded; runtime: one sequence each on the batch "
                    "engine); faster, may flip near-tie tokens")
+@click.option("--deterministic/--fast-kernels", default=False, show_default=True,
+              help="runtime: batch-invariant CPU kernels, so --batch-size N gives the answers of --batch-size 1 "
+                   "token for token (docs/RELIABILITY.md)")
 @click.option("--extract", default="last-number", show_default=True, help=EXTRACT_HELP)
 @click.option("--max-tokens", "-n", type=int, default=64, show_default=True, help="most tokens generated per example")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="results JSON file")
 @click.option("--show", type=int, default=20, show_default=True, help="rows of the results table to print")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def eval_cmd(data, backend, mode, static_weights, base, adapters, gate, dtype, device, model_gguf, flow_gguf, threads,
-             n_gpu_layers, rpc_servers, tensor_split, batch_size, extract, max_tokens, output, show, quiet):
+             n_gpu_layers, rpc_servers, tensor_split, batch_size, deterministic, extract, max_tokens, output, show,
+             quiet):
     """Greedy-decode every example of DATA under one fusion mode, extract the answers, report accuracy."""
     from loraflow.gate_training.evaluate import run_eval
 
@@ -170,7 +174,7 @@ def eval_cmd(data, backend, mode, static_weights, base, adapters, gate, dtype, d
     run_eval(data, backend, mode, extract, max_tokens, output=output, static_weights=static_weights, base=base,
              adapters=adapters, gate=gate, dtype=dtype, device=device, model_gguf=model_gguf, flow_gguf=flow_gguf,
              threads=threads, n_gpu_layers=n_gpu_layers, show=show, progress=not quiet, log=click.echo,
-             batch_size=batch_size, rpc_servers=rpc_servers, tensor_split=tensor_split)
+             batch_size=batch_size, rpc_servers=rpc_servers, tensor_split=tensor_split, deterministic=deterministic)
 
 
 COMMANDS = (train_gate_cmd, eval_cmd)

@@ -218,7 +218,8 @@ def format_table(results: list[dict], show: int = 20, width: int = 40, has_outpu
 def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, output=None,
              static_weights=None, base=None, adapters=(), gate=None, dtype: str = "fp32", device: str = "auto",
              model_gguf=None, flow_gguf=None, threads=None, n_gpu_layers=None, show: int = 20,
-             progress: bool = True, log=print, batch_size: int = 1, rpc_servers=None, tensor_split=None) -> dict:
+             progress: bool = True, log=print, batch_size: int = 1, rpc_servers=None, tensor_split=None,
+             deterministic: bool = False) -> dict:
     from loraflow.gate_training.data import file_sha256, read_rows
     from loraflow.modes import mode_name, parse_weights
 
@@ -261,7 +262,8 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
             raise LoraFlowError("--backend runtime needs the flow file: -f FLOW.gguf (and -m BASE.gguf)")
         if base or adapters or gate:
             raise LoraFlowError("--base/--adapter/--gate are for --backend torch; the runtime takes -m/-f")
-        opts = dict(threads=threads, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, tensor_split=tensor_split)
+        opts = dict(threads=threads, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, tensor_split=tensor_split,
+                    deterministic=deterministic)
         llm = open_llm(model_gguf, flow_gguf, "off", n_ctx=512, **opts)
         try:
             mode_ = llm.resolve_mode(mode, weights)  # a bad mode fails before the evaluation starts
@@ -281,7 +283,7 @@ def run_eval(data, backend: str, mode: str, extract: str, max_tokens: int, outpu
     correct = sum(r["correct"] for r in results)
     report = {
         "backend": backend, "mode": mode, "static_weights": None if weights is None else weights.values.tolist(), "extract": extract, "max_tokens": max_tokens,
-        "batch_size": batch_size,
+        "batch_size": batch_size, "deterministic": deterministic if backend == "runtime" else None,
         "data": {"path": str(data), "sha256": file_sha256(data)},
         "model": {"base": str(base), "adapters": [{"name": n, "path": str(p)} for n, p in adapters],
                   "gate": None if gate is None else str(gate)} if backend == "torch"

@@ -60,6 +60,9 @@ llama_flow_set_seq_mode = _bind(
 )
 llama_flow_clear_seq_mode = _bind("llama_flow_clear_seq_mode", [_llama.llama_context_p_ctypes, ctypes.c_int32], None)
 llama_flow_set_record = _bind("llama_flow_set_record", [_llama.llama_context_p_ctypes, ctypes.c_bool], None)
+llama_flow_set_batch_invariant = _bind(
+    "llama_flow_set_batch_invariant", [_llama.llama_context_p_ctypes, ctypes.c_bool], ctypes.c_int32
+)
 llama_flow_n_recorded = _bind("llama_flow_n_recorded", [_llama.llama_context_p_ctypes], ctypes.c_int32)
 llama_flow_get_gates = _bind(
     "llama_flow_get_gates", [_llama.llama_context_p_ctypes, ctypes.c_int32], ctypes.POINTER(ctypes.c_float)

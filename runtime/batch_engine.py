@@ -191,14 +191,18 @@ class BatchEngine:
     sequences (slots) and llm's flow adapter; `n_ctx` tokens of KV cache in all (default: llm's
     context size for each slot), `n_batch` tokens per decode step, of which at most `prefill_chunk`
     prompt tokens while other requests wait (smaller: an earlier first token for the others;
-    larger: fewer, fuller steps)."""
+    larger: fewer, fuller steps). Each slot is a KV stream of its own (kv_unified off), laid out
+    as the sequence alone would be; with `deterministic` (default: llm's) the kernels are
+    batch-invariant too, and every sequence's logits are bitwise those of its solo run."""
 
     def __init__(self, llm, n_parallel: int = 4, n_ctx: Optional[int] = None, n_batch: int = 512,
-                 n_threads: Optional[int] = None, prefill_chunk: int = PREFILL_CHUNK):
+                 n_threads: Optional[int] = None, prefill_chunk: int = PREFILL_CHUNK,
+                 deterministic: Optional[bool] = None):
         import llama_cpp
 
         from loraflow.runtime import _bindings as B
         from loraflow.runtime import llama_api
+        from loraflow.runtime.flow_llama import set_batch_invariant
 
         if n_parallel < 1:
             raise LoraFlowError(f"n_parallel must be >= 1, got {n_parallel}")
@@ -212,7 +216,7 @@ class BatchEngine:
         self.slot_ctx = (n_ctx // n_parallel) if n_ctx else llm.n_ctx()
         params.n_ctx = self.slot_ctx * n_parallel
         params.n_seq_max = n_parallel
-        params.kv_unified = True        # one pool of cells, each sequence within its share of it
+        params.kv_unified = False       # each sequence its own stream of cells: numbers as when alone
         params.n_batch = n_batch
         params.n_ubatch = min(n_batch, params.n_ubatch or n_batch)
         params.embeddings = False
@@ -221,6 +225,12 @@ class BatchEngine:
         self.n_batch = n_batch
         self.ctx = llama_api.Context(llm.model, params)
         llm.on_close(self)                # the context goes before the model it was made on
+        self.deterministic = getattr(llm, "deterministic", False) if deterministic is None else bool(deterministic)
+        try:
+            set_batch_invariant(self.ctx.ptr, self.deterministic)
+        except LoraFlowError:
+            self.ctx.close()
+            raise
         if llm.flow is not None:
             err = ctypes.create_string_buffer(1024)
             if B.llama_flow_set_adapter(self.ctx.ptr, llm.flow.ptr, err, len(err)) != 0:
@@ -338,7 +348,7 @@ class BatchEngine:
 
     def _admit(self) -> None:
         """Move queued requests into free slots (with the lock held): the slot whose cache shares
-        the longest prefix with the prompt in the same mode, else the emptiest."""
+        the longest prefix with the prompt in the same mode, else the lowest."""
         while self.queue:
             free = [s for s in self.slots if s.request is None]
             if not free:
@@ -348,7 +358,9 @@ class BatchEngine:
                 request._end(None, None)
                 self.stats["cancelled"] += 1
                 continue
-            slot = max(free, key=lambda s: (self._shared(s, request), -len(s.tokens)))
+            # the lowest slot when none shares a prefix: busy slots in a run of ids decode as one
+            # ubatch (llama.cpp splits a batch over KV streams at a gap in the ids)
+            slot = max(free, key=lambda s: (self._shared(s, request), -s.seq_id))
             self._start(slot, request, self._shared(slot, request))
 
     @staticmethod

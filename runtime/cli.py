@@ -167,11 +167,14 @@ def chat(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor_
               help="with --parallel 1: keep the logits of every token, so that logprobs are served (costs --ctx x "
                    "n_vocab floats: 400 MB for SmolLM2 at --ctx 2048, and slower prompts); the batched server "
                    "serves logprobs without it")
+@click.option("--deterministic/--fast-kernels", default=False, show_default=True,
+              help="batch-invariant CPU kernels: every answer is the one the request gets alone, whatever else "
+                   "is decoded with it (docs/RELIABILITY.md)")
 @click.option("--shutdown-timeout", type=float, default=10.0, show_default=True,
               help="on SIGTERM or Ctrl-C: seconds the running requests get to finish (new ones get 503) before "
                    "the streams still open are ended with an error event")
 def serve(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor_split, n_ctx, verbose, host, port,
-          model_id, log_level, parallel, logits_all, shutdown_timeout):
+          model_id, log_level, parallel, logits_all, deterministic, shutdown_timeout):
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming too),
     /v1/models, /health, /metrics (Prometheus). The body field "flow_mode" (and "flow_weights")
     picks the fusion mode per request, "flow_trace" returns the gate's weights of every token; up
@@ -188,7 +191,7 @@ def serve(model, flow, mode, weights, threads, n_gpu_layers, rpc_servers, tensor
     # batched, the model's own context only tokenizes: the smallest one; the slots have their own
     llm = load(model, flow, mode, weights, threads=threads, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers,
                tensor_split=tensor_split, n_ctx=n_ctx if parallel == 1 else 256, verbose=verbose,
-               **({"logits_all": True} if logits_all else {}))
+               deterministic=deterministic, **({"logits_all": True} if logits_all else {}))
     if model_id is None:
         model_id = Path(llm.model_path).stem
     click.echo(f"loraflow serve: {_banner(llm, model, flow)}", err=True)

@@ -34,6 +34,12 @@ def set_native_mode(ctx, mode: Mode, seq_id: Optional[int] = None) -> None:
         raise NativeError(f"the runtime refused mode '{mode}'" + ("" if seq_id is None else f" for sequence {seq_id}"))
 
 
+def set_batch_invariant(ctx, on: bool) -> None:
+    """Batch-invariant CPU kernels on a llama_context, or the fast ones (see FlowLlama)."""
+    if B.llama_flow_set_batch_invariant(ctx, bool(on)) != 0 and on:
+        raise NativeError("this context has no CPU backend: deterministic decoding needs one")
+
+
 def recorded_gates(ctx, flow: FlowAdapter) -> np.ndarray:
     """The fusion weights the last llama_decode on `ctx` recorded: [n_tokens, n_layer, k], in
     batch order (the gate's for gated tokens, the fixed weights for the others)."""
@@ -55,7 +61,9 @@ class FlowLlama(llama_cpp.Llama):
     `record_gates=True` the gate weights of every token evaluated in `dynamic` mode are kept;
     `gate_weights()` returns them as [n_tokens, n_layer, k]. `rpc_servers="host:port,..."` puts
     the layers on llama.cpp rpc-servers (all of them unless n_gpu_layers says fewer; tensor_split
-    shares them out; loraflow.runtime.rpc).
+    shares them out; loraflow.runtime.rpc). `deterministic=True`: batch-invariant CPU kernels
+    (llama_flow_set_batch_invariant) on this context and the BatchEngines made on it, so a
+    sequence decodes to the same numbers whatever else shares its batch.
     """
 
     def __init__(
@@ -67,6 +75,7 @@ class FlowLlama(llama_cpp.Llama):
         static_weights=None,
         record_gates: bool = False,
         rpc_servers=None,
+        deterministic: bool = False,
         **kwargs,
     ):
         self.flow: Optional[FlowAdapter] = None
@@ -85,6 +94,8 @@ class FlowLlama(llama_cpp.Llama):
         else:
             super().__init__(model_path, **kwargs)
         llama_api.check(self)
+        self.deterministic = bool(deterministic)
+        set_batch_invariant(self.ctx, self.deterministic)
         if flow_path is not None:
             self.set_flow(flow_path, mode=mode, static_weights=static_weights)
         self.record_gates(record_gates)

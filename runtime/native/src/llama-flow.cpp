@@ -844,8 +844,22 @@ void llama_flow_clear_seq_mode(llama_context * ctx, llama_seq_id seq_id) {
 void llama_flow_set_record(llama_context * ctx, bool record) {
     if (ctx->flow.record != record) {
         ctx->flow.record = record;
-        ctx->flow_changed(false);
+        ctx->flow_changed(true); // the record's output tensors change the graph: reserve it again
     }
+}
+
+int32_t llama_flow_set_batch_invariant(llama_context * ctx, bool on) {
+    ggml_backend_t cpu = ctx->flow_backend_cpu();
+    if (cpu == nullptr) {
+        return -1;
+    }
+    auto * reg = ggml_backend_dev_backend_reg(ggml_backend_get_device(cpu));
+    auto * set_use_ref = (void (*)(ggml_backend_t, bool)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cpu_set_use_ref");
+    if (set_use_ref == nullptr) {
+        return -1;
+    }
+    set_use_ref(cpu, on);
+    return 0;
 }
 
 int32_t llama_flow_n_recorded(const llama_context * ctx) {

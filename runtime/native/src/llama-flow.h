@@ -65,6 +65,11 @@ LLAMA_API int32_t llama_flow_n_recorded(const struct llama_context * ctx);
 // Fusion weights of layer il for the recorded tokens, in batch order: [n_recorded][k] floats, or NULL.
 LLAMA_API const float * llama_flow_get_gates(const struct llama_context * ctx, int32_t il);
 
+// Batch-invariant CPU kernels on this context (the CPU backend's use_ref, ggml-cpu's reference
+// path: no sgemm, no gemm over repacked rows, no fused ops): every token's numbers are those it
+// gets alone, whatever shares its batch. 0, or -1 when the context has no CPU backend.
+LLAMA_API int32_t llama_flow_set_batch_invariant(struct llama_context * ctx, bool on);
+
 #ifdef __cplusplus
 }
 #endif
