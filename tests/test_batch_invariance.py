@@ -30,6 +30,16 @@ def run(engine, jobs, max_tokens, stagger=False):
     return [(r.result(600).tokens, [lp for lp, _ in r.token_logprobs]) for r in requests]
 
 
+def alone_and_together(llm, jobs, max_tokens, slot_ctx):
+    """Each job alone, then all of them staggered, on one deterministic BatchEngine of 8 slots."""
+    engine = BatchEngine(llm, n_parallel=8, n_ctx=8 * slot_ctx)
+    try:
+        assert engine.deterministic
+        return [run(engine, [job], max_tokens)[0] for job in jobs], run(engine, jobs, max_tokens, stagger=True)
+    finally:
+        engine.close()
+
+
 def test_every_mode_in_one_batch_equals_each_alone_on_q4_1():
     from loraflow.gate_training.evaluate import generate_runtime
     from loraflow.models import default_model_path
@@ -46,13 +56,7 @@ def test_every_mode_in_one_batch_equals_each_alone_on_q4_1():
         texts = [f"Ana tiene {3 + 4 * i} lápices y compra {2 + 7 * i} más." + " ¿Cuántos tiene ahora?" * (i % 3)
                  for i in range(8)]
         jobs = [(llm.tokenize(t.encode(), add_bos=True), modes[i % len(modes)]) for i, t in enumerate(texts)]
-        engine = BatchEngine(llm, n_parallel=8, n_ctx=8 * 512)
-        try:
-            assert engine.deterministic
-            alone = [run(engine, [job], 24)[0] for job in jobs]
-            together = run(engine, jobs, 24, stagger=True)
-        finally:
-            engine.close()
+        alone, together = alone_and_together(llm, jobs, 24, 512)
         for i, (a, b) in enumerate(zip(alone, together)):
             assert a[0] == b[0], (i, str(jobs[i][1]), a[0], b[0])
             assert a[1] == b[1], (i, str(jobs[i][1]), "logprobs not bitwise equal")
@@ -73,13 +77,8 @@ def test_repacked_k_quant_weights_are_batch_invariant(tmp_path):
     model = write_shape("tiny-k-quants", tmp_path / "tiny-k-quants.gguf")
     llm = FlowLlama(str(model), n_ctx=256, n_threads=2, verbose=False, deterministic=True)
     try:
-        engine = BatchEngine(llm, n_parallel=8, n_ctx=8 * 256)
-        try:
-            jobs = [([1] + [10 + 37 * i + j for j in range(5 + 3 * i)], "off") for i in range(8)]
-            alone = [run(engine, [job], 16)[0] for job in jobs]
-            together = run(engine, jobs, 16, stagger=True)
-        finally:
-            engine.close()
+        jobs = [([1] + [10 + 37 * i + j for j in range(5 + 3 * i)], "off") for i in range(8)]
+        alone, together = alone_and_together(llm, jobs, 16, 256)
         assert together == alone
     finally:
         llm.close()
@@ -96,18 +95,13 @@ def test_gemma3_q4_k_m_is_batch_invariant():
     try:
         path = gemma3_path()
     except LoraFlowError as e:
-        pytest.skip(f"{e}")
+        pytest.skip(str(e))
     llm = FlowLlama(str(path), n_ctx=256, n_threads=2, verbose=False, deterministic=True)
     try:
         texts = [f"The {w} of the river is" + " very" * (i % 3) for i, w in
                  enumerate(["colour", "length", "history", "name", "source", "depth", "mouth", "valley"])]
         jobs = [(llm.tokenize(t.encode(), add_bos=True), "off") for t in texts]
-        engine = BatchEngine(llm, n_parallel=8, n_ctx=8 * 128)
-        try:
-            alone = [run(engine, [job], 16)[0] for job in jobs]
-            together = run(engine, jobs, 16, stagger=True)
-        finally:
-            engine.close()
+        alone, together = alone_and_together(llm, jobs, 16, 128)
         assert together == alone
     finally:
         llm.close()
