@@ -21,7 +21,7 @@ from loraflow.converter.lora_layout import lora_layout
 from loraflow.converter.output import atomic_output, check_output
 from loraflow.digest import add_digest
 from loraflow.errors import ConversionError
-from loraflow.peft_io import PeftAdapter, read_peft_adapter
+from loraflow.peft_io import PeftAdapter, check_adapter_digests, read_peft_adapter
 
 logger = logging.getLogger("loraflow.converter")
 
@@ -61,6 +61,7 @@ def convert_flow(base, adapters, gate, out, outtype: str = DEFAULT_OUTTYPE, temp
     if not temperature > 0:
         raise ConversionError(f"temperature must be positive, got {temperature}")
     _check_gate(gate_ckpt, info, names)
+    check_adapter_digests(gate_ckpt.digests, loras, names, gate_ckpt.path)
     _check_adapters(loras, info)
 
     pairs = build_flow_tensors(loras, info)

@@ -1,7 +1,8 @@
 """Gate checkpoints for the converter, read into numpy without needing torch for our own format.
 
 Ours (written by gate_training): safetensors `layers.{i}.weight` [k, n_embd], `layers.{i}.bias` [k],
-metadata "adapters" (JSON list of names, slot order) and "temperature".
+metadata "adapters" (JSON list of names, slot order), "temperature" and "adapter_digests" (JSON
+list, each slot's PeftAdapter.digest(), loraflow.peft_io.check_adapter_digests).
 The paper's released gates: a torch file with `encoder.layers.{i}.lora_fusion_gate.weight` [k, n_embd]
 and `encoder.layers.{i}.weight_bias` [1, k] (fp16 or fp32, under any prefix: the authors' sample
 gate.pt names them `...model.layers.{i}...` and has no weight_bias at all); no names, no
@@ -31,6 +32,7 @@ class GateCheckpoint:
     names: list[str] | None                          # slot order, when the checkpoint records it
     temperature: float | None
     path: str
+    digests: list[str] | None = None                 # each slot's PeftAdapter.digest(), when recorded
 
     @property
     def n_layer(self) -> int:
@@ -90,7 +92,21 @@ def read_our_gate(path) -> GateCheckpoint:
     if names is not None and len(names) != weights[0].shape[0]:
         raise FormatError(f"{path}: metadata names {len(names)} adapters {names}, "
                           f"but the gate weights are for k={weights[0].shape[0]}")
-    return GateCheckpoint(weights, biases, names, temperature, str(path))
+    return GateCheckpoint(weights, biases, names, temperature, str(path), read_digests(meta, path, weights[0].shape[0]))
+
+
+def read_digests(meta: dict, path, k: int) -> list[str] | None:
+    """The adapters' digests a gate checkpoint's metadata records (None for one written before them)."""
+    if schema.GATE_CKPT_META_DIGESTS not in meta:
+        return None
+    try:
+        digests = json.loads(meta[schema.GATE_CKPT_META_DIGESTS])
+    except json.JSONDecodeError:
+        digests = None
+    if not (isinstance(digests, list) and len(digests) == k and all(isinstance(d, str) for d in digests)):
+        raise FormatError(f"{path}: metadata {schema.GATE_CKPT_META_DIGESTS!r} is not a JSON list of {k} digests: "
+                          f"{meta[schema.GATE_CKPT_META_DIGESTS]!r}")
+    return digests
 
 
 def read_paper_gate(path) -> GateCheckpoint:

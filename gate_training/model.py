@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraflow import schema
-from loraflow.converter.gates import initial_bias, load_paper_tensors
+from loraflow.converter.gates import initial_bias, load_paper_tensors, read_digests
 from loraflow.errors import FormatError, LoraFlowError
 from loraflow.gate_training.quantized import QuantLinear
 from loraflow.modes import Mode
-from loraflow.peft_io import PeftAdapter
+from loraflow.peft_io import PeftAdapter, check_adapter_digests
 
 
 
@@ -139,6 +139,7 @@ class FlowModel(nn.Module):
             raise LoraFlowError(f"init_adapter={init_adapter} is not a slot of {k} adapters")
         self.model = hf_model
         self.names = list(names)
+        self.adapters = list(adapters)   # their digests go into the gate checkpoint (check_adapter_digests)
         self.k = k
         self.temperature = float(temperature)
         layers = decoder_layers(hf_model, adapters)
@@ -307,6 +308,7 @@ class FlowModel(nn.Module):
         save_file(self.gate_state_dict(), str(path), metadata={
             schema.GATE_CKPT_META_ADAPTERS: json.dumps(self.names),
             schema.GATE_CKPT_META_TEMPERATURE: repr(self.temperature),
+            schema.GATE_CKPT_META_DIGESTS: json.dumps([a.digest() for a in self.adapters]),
         })
         ordinary_mode(path)                      # safetensors writes it 0600, unlike every other output
         return path
@@ -329,6 +331,7 @@ class FlowModel(nn.Module):
             if saved != self.names:
                 raise FormatError(f"{path}: gates were trained for adapters {saved} (in that slot order), "
                                   f"this model has {self.names}")
+        check_adapter_digests(read_digests(meta, path, self.k), self.adapters, self.names, path)
         self._set_gates(staged)
         if schema.GATE_CKPT_META_TEMPERATURE in meta:
             self.temperature = float(meta[schema.GATE_CKPT_META_TEMPERATURE])

@@ -9,7 +9,9 @@ is unsupported.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import re
 import struct
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from loraflow.errors import ConversionError
+
+logger = logging.getLogger("loraflow")
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -57,6 +61,40 @@ class PeftAdapter:
     def hf_weight_name(self, layer: int, module: str) -> str:
         """The base model's parameter this LoRA adapts, e.g. model.layers.3.self_attn.q_proj.weight."""
         return f"{self.layers}.{layer}.{module}.weight"
+
+    def digest(self) -> str:
+        """sha256 of what the LoRA computes: its scale and every A and B as float32, in (layer,
+        module) order; the same however its file was saved. A gate checkpoint records one per
+        slot, so a LoRA given under another adapter's name is caught (check_adapter_digests)."""
+        h = hashlib.sha256(repr(float(self.scale)).encode())
+        for layer, module in sorted(self.weights):
+            h.update(f"{layer}.{module}".encode())
+            for m in self.weights[layer, module]:
+                h.update(np.ascontiguousarray(m, dtype=np.float32).tobytes())
+        return h.hexdigest()
+
+
+def check_adapter_digests(recorded: list[str] | None, adapters: list[PeftAdapter], names: list[str],
+                          source) -> None:
+    """The LoRAs given for `names` against the digests a gate checkpoint `source` recorded for
+    those names at training: a LoRA that is another slot's (folders swapped under the right
+    names) is refused, saying which is which; one the gate never saw is a warning (a LoRA
+    retrained since), as a gate's fit to it is unknown, not wrong."""
+    if recorded is None:        # a checkpoint from before the digests: nothing to compare
+        return
+    given = [a.digest() for a in adapters]
+    for i, (name, adapter) in enumerate(zip(names, adapters)):
+        if given[i] == recorded[i]:
+            continue
+        if given[i] in recorded:
+            j = recorded.index(given[i])
+            right = ", ".join(f"{n}={adapters[given.index(d)].path if d in given else '?'}"
+                              for n, d in zip(names, recorded))
+            raise ConversionError(
+                f"{source}: the LoRA given as {name!r} ({adapter.path}) is the one this gate was trained with "
+                f"as {names[j]!r}: the adapter folders look swapped; the gate's slots are {right}")
+        logger.warning("%s: the LoRA given as %r (%s) is not the one this gate was trained with for %r "
+                       "(its weights differ): the gate has not seen it", source, name, adapter.path, name)
 
 
 def read_peft_adapter(path, name: str | None = None) -> PeftAdapter:

@@ -78,6 +78,7 @@ GATE_CKPT_WEIGHT = "layers.{i}.weight"         # [k, n_embd]
 GATE_CKPT_BIAS = "layers.{i}.bias"             # [k]
 GATE_CKPT_META_ADAPTERS = "adapters"           # metadata: JSON list of names
 GATE_CKPT_META_TEMPERATURE = "temperature"     # metadata: float as string
+GATE_CKPT_META_DIGESTS = "adapter_digests"     # metadata: JSON list, each LoRA's PeftAdapter.digest()
 # The paper's released gates (torch file)
 PAPER_GATE_WEIGHT = "encoder.layers.{i}.lora_fusion_gate.weight"  # [k, n_embd]
 PAPER_GATE_BIAS = "encoder.layers.{i}.weight_bias"                # [1, k]

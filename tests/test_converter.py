@@ -344,6 +344,44 @@ def test_refuses_lora_for_another_base(llama, models, tmp_path):
             m.gguf, [("math", bad), adapters[1]], gate)
 
 
+def gate_with_digests(src, out_dir, digests):
+    """A copy of the gate checkpoint `src` whose metadata records these adapter digests."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="numpy") as f:
+        meta, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / schema.GATE_CKPT_FILE), metadata=meta | {schema.GATE_CKPT_META_DIGESTS: digests})
+    return out_dir / schema.GATE_CKPT_FILE
+
+
+def test_adapters_checked_against_the_gates_record(llama, tmp_path, caplog):
+    """The gate records each slot's LoRA by what it computes: folders swapped under the right
+    names are refused naming both; a LoRA the gate never saw converts with a warning."""
+    from loraflow.peft_io import read_peft_adapter
+
+    m, d, adapters, gate = llama
+    digests = [read_peft_adapter(p).digest() for _, p in adapters]
+    recorded = gate_with_digests(gate, tmp_path / "recorded", json.dumps(digests))
+    assert convert_flow(m.gguf, adapters, recorded, tmp_path / "ok.gguf").exists()
+    swapped = [("math", adapters[1][1]), ("code", adapters[0][1])]
+    refused(tmp_path, r"the LoRA given as 'math' \(.*code\) is the one this gate was trained with as 'code': "
+                      r"the adapter folders look swapped; the gate's slots are math=.*math, code=.*code",
+            m.gguf, swapped, recorded)
+    # re-saved in another dtype: the same numbers, the same digest
+    resaved = tmp_path / "math-f64"
+    shutil.copytree(adapters[0][1], resaved)
+    t = load_file(str(resaved / "adapter_model.safetensors"))
+    save_file({k: v.astype(np.float64) for k, v in t.items()}, str(resaved / "adapter_model.safetensors"))
+    assert read_peft_adapter(resaved).digest() == digests[0]
+    other = make_tiny_lora(m.hf_dir, tmp_path / "math2", r=8, alpha=16, seed=11)
+    with caplog.at_level(logging.WARNING, logger="loraflow"):
+        assert convert_flow(m.gguf, [("math", other), adapters[1]], recorded, tmp_path / "other.gguf").exists()
+    assert "the LoRA given as 'math' (" in caplog.text and "is not the one this gate was trained with" in caplog.text
+    refused(tmp_path, r"metadata 'adapter_digests' is not a JSON list of 2 digests",
+            m.gguf, adapters, gate_with_digests(gate, tmp_path / "bad", json.dumps(digests[:1])), exc=FormatError)
+
+
 def test_refuses_gate_mismatch(llama, tmp_path):
     m, d, adapters, gate = llama
     g3 = make_random_gate(m.n_layer, 3, m.n_embd, tmp_path / "g3", ["math", "code", "x"])

@@ -281,6 +281,12 @@ def test_gate_round_trip_and_paper_import(llama, tmp_path):
     assert loaded.temperature == 0.5
     assert torch.equal(logits(loaded), ref)
 
+    # the LoRA folders swapped under the right names: the checkpoint's digests tell them apart
+    swapped = FlowModel(llama.fresh(), [read_peft_adapter(llama.dirs[n]) for n in names[::-1]], names).eval()
+    with pytest.raises(LoraFlowError, match=r"the LoRA given as 'lang' .* is the one this gate was trained "
+                                            r"with as 'task': the adapter folders look swapped"):
+        swapped.load_gate(tmp_path / "ckpt")
+
     paper = {}
     for i, g in enumerate(flow.gates):
         paper[schema.PAPER_GATE_WEIGHT.format(i=i)] = g.weight.detach().clone()
