@@ -4,6 +4,7 @@
     python -m benchmarks.decode --shape llama-3.2-1b   # a real model's shape, random weights (benchmarks/shapes.py)
     python -m benchmarks.decode --scaling          # k = 1, 2, 4, 8: stock static vs flow dynamic, PNG
     python -m benchmarks.decode --rpc A,B --long 0  # base and flow locally, on rpc-server A, on A and B
+    python -m benchmarks.decode --configs base,flow_dynamic,flow_dynamic~0003 --long 0   # what patch 0003 gains
 
 Every configuration runs in its own subprocess (so peak RSS is its own) on the same base
 model file: the bare base (stock llama.cpp API), k static LoRAs through stock
@@ -19,6 +20,10 @@ markdown table of ratios against stock static multi-LoRA (each round's ratio, th
 range), and JSON. The long context is filled once by the bare base and saved (llama.cpp's
 sequence state); every llama.cpp configuration loads it instead of prefilling it again: its
 values are the base's, which speed does not depend on.
+
+A configuration named `CONFIG~0003` (or `~0003+0004`) runs CONFIG on loraflow's build without
+those patches (runtime/native/build.py --without, cached): what each kernel patch gains, in
+the same run as the full build (docs/BENCHMARKS.md, "What each patch gains").
 
 With --rpc HOST:PORT[,...] (a build with RPC and running rpc-servers: docs/BACKENDS.md) the bare base
 and the flow adapter run locally, with every layer on the first server, and on the first two
@@ -112,14 +117,28 @@ def prepare(base: Path, k: int, rank: int, outtype: str) -> dict:
                 flow=str(flow))
 
 
-@functools.cache
-def released_site() -> Path:
-    """A folder holding the released (unpatched) llama-cpp-python, for PYTHONPATH."""
+def native_build():
     spec = importlib.util.spec_from_file_location("loraflow_native_build", REPO / "runtime" / "native" / "build.py")
     native = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(native)
-    wheel = native.released_wheel()
-    site = cache_dir("bench", "released-" + wheel.parent.name)
+    return native
+
+
+@functools.cache
+def released_site() -> Path:
+    """A folder holding the released (unpatched) llama-cpp-python, for PYTHONPATH."""
+    return wheel_site(native_build().released_wheel(), "released-")
+
+
+@functools.cache
+def variant_site(without: str) -> Path:
+    """A folder holding the patched llama-cpp-python without the patches `without` names
+    ("0003" or "0003+0004"), for PYTHONPATH: a `CONFIG~0003` configuration runs on it."""
+    return wheel_site(native_build().variant_wheel(tuple(without.split("+"))), "without-")
+
+
+def wheel_site(wheel: Path, prefix: str) -> Path:
+    site = cache_dir("bench", prefix + wheel.parent.name)
     if not (site / "llama_cpp").is_dir():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                        check=True)
@@ -249,6 +268,13 @@ def xlora_model(base: Path, peft_dirs: list[str]):
 
 def run_one(config: str, base: str, inputs: dict, threads: int, reps: int, gpu_layers: int = 0) -> dict:
     long_n = inputs.get("long_n", 0)
+    config, _, without = config.partition("~")      # flow_dynamic~0003: on the build without patch 0003
+    if without:
+        import llama_cpp
+
+        # fail loudly rather than time the wrong build
+        if not Path(llama_cpp.__file__).is_relative_to(variant_site(without)):
+            raise SystemExit(f"{config}~{without}: loaded {llama_cpp.__file__}, not the build without {without}")
     config, _, rpc_servers = config.partition("@")   # base@HOST:PORT,...: every layer on those rpc-servers
     kw = dict(n_ctx=max(1024, long_n + 256), n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
               n_gpu_layers=-1 if rpc_servers else gpu_layers, verbose=False)
@@ -319,8 +345,9 @@ def config_env(config: str) -> dict:
     """The environment of a configuration's subprocess: the released llama-cpp-python first on
     the path for the stock configurations."""
     env = dict(os.environ)
-    if config in ON_RELEASED:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(released_site()), env.get("PYTHONPATH")]))
+    site = released_site() if config in ON_RELEASED else variant_site(config.partition("~")[2]) if "~" in config else None
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     return env
 
 

@@ -4,6 +4,7 @@
     python runtime/native/build.py --released    # the unpatched release's wheel (benchmarks)
     python runtime/native/build.py --llama-server    # stock llama-server from the same source (benchmarks.serve)
     python runtime/native/build.py --rpc-server      # llama.cpp's rpc-server from the patched source (--rpc)
+    python runtime/native/build.py --without 0003    # the wheel without a patch (what it gains: benchmarks.decode)
 
 Downloads the pinned llama-cpp-python source distribution from the package index,
 copies our sources (runtime/native/src) into its vendored llama.cpp, applies the patch
@@ -61,17 +62,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow")) / "native"
 
 
-def patch_series() -> list[Path]:
-    """The patches, in the order they apply."""
+def patch_series(without: tuple[str, ...] = ()) -> list[Path]:
+    """The patches, in the order they apply; `without`: name prefixes ("0003") left out."""
     series = sorted(PATCHES.glob("*.patch"))
     if not series:
         raise SystemExit(f"loraflow: no patches in {PATCHES}")
-    return series
+    for prefix in without:
+        if not any(p.name.startswith(prefix) for p in series):
+            raise SystemExit(f"loraflow: no patch named {prefix}* in {PATCHES} "
+                             f"(there are {', '.join(p.name for p in series)})")
+    return [p for p in series if not p.name.startswith(tuple(without))]
 
 
-def build_key(user_cmake_args: str) -> str:
+def build_key(user_cmake_args: str, without: tuple[str, ...] = ()) -> str:
     h = hashlib.sha256(LLAMA_CPP_PYTHON_VERSION.encode())
-    for path in [*patch_series(), *sorted(OUR_SOURCES)]:
+    for path in [*patch_series(without), *sorted(OUR_SOURCES)]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     h.update(cmake_args_key(user_cmake_args).encode())
@@ -113,7 +118,7 @@ def source_dir(root: Path) -> Path:
     return root / f"src-{LLAMA_CPP_PYTHON_VERSION}" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
 
 
-def prepare_source(root: Path, sdist: Path, patched: bool = True) -> Path:
+def prepare_source(root: Path, sdist: Path, patched: bool = True, without: tuple[str, ...] = ()) -> Path:
     """A fresh, patched source tree at a fixed path, so the CMake build folder can be reused:
     a file whose bytes are those of the tree it replaces keeps that file's timestamp and is not
     recompiled; every other file is stamped now (see keep_unchanged_timestamps). `patched=False`
@@ -128,7 +133,7 @@ def prepare_source(root: Path, sdist: Path, patched: bool = True) -> Path:
     if patched:
         for ours, dest in OUR_SOURCES.items():
             shutil.copyfile(ours, llama_dir / dest)
-        for patch in patch_series():
+        for patch in patch_series(without):
             run(["patch", "-p1", "--batch", "--forward", "-i", str(patch)], cwd=llama_dir)
     if top.parent.exists():
         keep_unchanged_timestamps(top.parent, fresh)
@@ -214,6 +219,23 @@ def released_llama_server(jobs: int | None = None) -> Path:
     return binary
 
 
+def variant_wheel(without: tuple[str, ...], jobs: int | None = None) -> Path:
+    """The patched wheel without the patches named by `without` (prefixes: "0003"), cached, not
+    installed: what benchmarks.decode's `CONFIG~0003` configurations run, to measure what a
+    patch gains. One root for all variants, so going from one to the next recompiles only the
+    files their patches touch."""
+    user_cmake_args = os.environ.get("CMAKE_ARGS", "")
+    root = cache_root() / "variants"
+    out = root / f"wheel-{LLAMA_CPP_PYTHON_VERSION}-{build_key(user_cmake_args, without)}"
+    if not out.exists():
+        print(f"loraflow: building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} without {', '.join(without)} "
+              "(several minutes the first time)", flush=True)
+        top = prepare_source(root, fetch_sdist(cache_root()), without=without)
+        build_wheel(root, top, out, user_cmake_args, jobs)
+    (wheel,) = out.glob("llama_cpp_python-*.whl")
+    return wheel
+
+
 def rpc_server(jobs: int | None = None) -> Path:
     """llama.cpp's `rpc-server` from the patched source (its CPU backend has our kernel patches,
     which the flow graph runs there), cached under the patched wheel's key, then copied next to
@@ -252,7 +274,13 @@ def main() -> int:
     ap.add_argument("--rpc-server", action="store_true",
                     help="only build (cached) llama.cpp's rpc-server from the patched source, install it next to "
                          "this interpreter as loraflow-rpc-server and print its path")
+    ap.add_argument("--without", metavar="PATCH[,PATCH]",
+                    help="only build (cached) the patched wheel without these patches (name prefixes, e.g. 0003) "
+                         "and print its path; install nothing (benchmarks.decode's CONFIG~0003)")
     args = ap.parse_args()
+    if args.without:
+        print(variant_wheel(tuple(args.without.split(",")), args.jobs))
+        return 0
     if args.rpc_server:
         print(rpc_server(args.jobs))
         return 0
