@@ -272,8 +272,9 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int, gpu_l
     if without:
         import llama_cpp
 
-        # fail loudly rather than time the wrong build
-        if not Path(llama_cpp.__file__).is_relative_to(variant_site(without)):
+        # fail loudly rather than time the wrong build (config_env put the variant first on the path)
+        site = Path(os.environ.get("PYTHONPATH", "").split(os.pathsep)[0])
+        if not site.name.startswith("without-") or not Path(llama_cpp.__file__).is_relative_to(site):
             raise SystemExit(f"{config}~{without}: loaded {llama_cpp.__file__}, not the build without {without}")
     config, _, rpc_servers = config.partition("@")   # base@HOST:PORT,...: every layer on those rpc-servers
     kw = dict(n_ctx=max(1024, long_n + 256), n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
@@ -343,11 +344,15 @@ def run_one(config: str, base: str, inputs: dict, threads: int, reps: int, gpu_l
 
 def config_env(config: str) -> dict:
     """The environment of a configuration's subprocess: the released llama-cpp-python first on
-    the path for the stock configurations."""
+    the path for the stock configurations, the build without a patch for CONFIG~PATCH."""
     env = dict(os.environ)
-    site = released_site() if config in ON_RELEASED else variant_site(config.partition("~")[2]) if "~" in config else None
-    if site:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    if config in ON_RELEASED:
+        site = released_site()
+    elif "~" in config:
+        site = variant_site(config.partition("~")[2])
+    else:
+        return env
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     return env
 
 

@@ -61,7 +61,8 @@ def convert_flow(base, adapters, gate, out, outtype: str = DEFAULT_OUTTYPE, temp
     if not temperature > 0:
         raise ConversionError(f"temperature must be positive, got {temperature}")
     _check_gate(gate_ckpt, info, names)
-    check_adapter_digests(gate_ckpt.digests, loras, names, gate_ckpt.path)
+    check_adapter_digests(gate_ckpt.digests, [a.digest() for a in loras], names, [a.path for a in loras],
+                          gate_ckpt.path)
     _check_adapters(loras, info)
 
     pairs = build_flow_tensors(loras, info)

@@ -139,7 +139,10 @@ class FlowModel(nn.Module):
             raise LoraFlowError(f"init_adapter={init_adapter} is not a slot of {k} adapters")
         self.model = hf_model
         self.names = list(names)
-        self.adapters = list(adapters)   # their digests go into the gate checkpoint (check_adapter_digests)
+        # into the gate checkpoint, to tell the LoRAs apart at its next load (check_adapter_digests);
+        # digests and paths only: the LoRAs' own arrays are copied into the FlowLinears and let go
+        self.adapter_digests = [a.digest() for a in adapters]
+        self.adapter_paths = [a.path for a in adapters]
         self.k = k
         self.temperature = float(temperature)
         layers = decoder_layers(hf_model, adapters)
@@ -308,7 +311,7 @@ class FlowModel(nn.Module):
         save_file(self.gate_state_dict(), str(path), metadata={
             schema.GATE_CKPT_META_ADAPTERS: json.dumps(self.names),
             schema.GATE_CKPT_META_TEMPERATURE: repr(self.temperature),
-            schema.GATE_CKPT_META_DIGESTS: json.dumps([a.digest() for a in self.adapters]),
+            schema.GATE_CKPT_META_DIGESTS: json.dumps(self.adapter_digests),
         })
         ordinary_mode(path)                      # safetensors writes it 0600, unlike every other output
         return path
@@ -331,7 +334,8 @@ class FlowModel(nn.Module):
             if saved != self.names:
                 raise FormatError(f"{path}: gates were trained for adapters {saved} (in that slot order), "
                                   f"this model has {self.names}")
-        check_adapter_digests(read_digests(meta, path, self.k), self.adapters, self.names, path)
+        check_adapter_digests(read_digests(meta, path, self.k), self.adapter_digests, self.names, self.adapter_paths,
+                              path)
         self._set_gates(staged)
         if schema.GATE_CKPT_META_TEMPERATURE in meta:
             self.temperature = float(meta[schema.GATE_CKPT_META_TEMPERATURE])

@@ -74,27 +74,25 @@ class PeftAdapter:
         return h.hexdigest()
 
 
-def check_adapter_digests(recorded: list[str] | None, adapters: list[PeftAdapter], names: list[str],
+def check_adapter_digests(recorded: list[str] | None, given: list[str], names: list[str], paths: list,
                           source) -> None:
-    """The LoRAs given for `names` against the digests a gate checkpoint `source` recorded for
-    those names at training: a LoRA that is another slot's (folders swapped under the right
-    names) is refused, saying which is which; one the gate never saw is a warning (a LoRA
-    retrained since), as a gate's fit to it is unknown, not wrong."""
+    """The LoRAs given for `names` (their digests `given`, read from `paths`) against the digests
+    a gate checkpoint `source` recorded for those names at training: a LoRA that is another
+    slot's (folders swapped under the right names) is refused, saying which is which; one the
+    gate never saw is a warning (a LoRA retrained since), as a gate's fit to it is unknown, not wrong."""
     if recorded is None:        # a checkpoint from before the digests: nothing to compare
         return
-    given = [a.digest() for a in adapters]
-    for i, (name, adapter) in enumerate(zip(names, adapters)):
-        if given[i] == recorded[i]:
+    path_of = dict(zip(given, paths))
+    for name, digest, path, trained in zip(names, given, paths, recorded):
+        if digest == trained:
             continue
-        if given[i] in recorded:
-            j = recorded.index(given[i])
-            right = ", ".join(f"{n}={adapters[given.index(d)].path if d in given else '?'}"
-                              for n, d in zip(names, recorded))
+        if digest in recorded:
+            right = ", ".join(f"{n}={path_of.get(d, '?')}" for n, d in zip(names, recorded))
             raise ConversionError(
-                f"{source}: the LoRA given as {name!r} ({adapter.path}) is the one this gate was trained with "
-                f"as {names[j]!r}: the adapter folders look swapped; the gate's slots are {right}")
+                f"{source}: the LoRA given as {name!r} ({path}) is the one this gate was trained with "
+                f"as {names[recorded.index(digest)]!r}: the adapter folders look swapped; the gate's slots are {right}")
         logger.warning("%s: the LoRA given as %r (%s) is not the one this gate was trained with for %r "
-                       "(its weights differ): the gate has not seen it", source, name, adapter.path, name)
+                       "(its weights differ): the gate has not seen it", source, name, path, name)
 
 
 def read_peft_adapter(path, name: str | None = None) -> PeftAdapter:
